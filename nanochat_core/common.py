@@ -1,0 +1,103 @@
+"""Small shared helpers: distributed setup, device choice, rank-0 printing, structured progress lines.
+
+Structured progress: a training/eval process prints lines `NANOCHAT_PROGRESS {json}` (and
+`NANOCHAT_CHECKPOINT {json}` when it commits a checkpoint) on rank 0. Whoever launched the process
+(a terminal, a Prefect task) can parse them; nothing here knows who is listening.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+PROGRESS_PREFIX = "NANOCHAT_PROGRESS "
+CHECKPOINT_PREFIX = "NANOCHAT_CHECKPOINT "
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def init_distributed(device_type: str = "") -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (nccl on CUDA, gloo otherwise)."""
+    device_type = device_type or autodetect_device_type()
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process group. gloo can abort in destroy unless garbage is collected first."""
+    import gc
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def emit_progress(step: int, total: int, **metrics) -> None:
+    """One machine-readable progress line (rank 0 only)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        payload = {"step": step, "total": total, **metrics}
+        sys.stdout.write(PROGRESS_PREFIX + json.dumps(payload) + "\n")
+        sys.stdout.flush()
+
+
+def emit_checkpoint(path: str, step: int, stage: str) -> None:
+    """Announce a committed checkpoint (rank 0 only); flows turn this into a Prefect event."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        sys.stdout.write(CHECKPOINT_PREFIX + json.dumps({"path": path, "step": step, "stage": stage}) + "\n")
+        sys.stdout.flush()
+
+
+def parse_structured_line(line: str) -> tuple[str, dict] | None:
+    """Inverse of emit_progress/emit_checkpoint: ("progress"|"checkpoint", payload) or None."""
+    for kind, prefix in (("progress", PROGRESS_PREFIX), ("checkpoint", CHECKPOINT_PREFIX)):
+        if line.startswith(prefix):
+            try:
+                return kind, json.loads(line[len(prefix):])
+            except json.JSONDecodeError:
+                return None
+    return None

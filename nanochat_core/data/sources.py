@@ -1,0 +1,134 @@
+"""Where data comes from: the NANOCHAT_DATA mirror (a directory or http(s) URL laid out like
+../shared/data), or, when it is unset, the real Hugging Face datasets.
+
+Every dataset is named by its path inside the mirror layout (e.g. "gsm8k/train.jsonl"). `resolve` maps
+that name to a local path or URL; `read_records` reads jsonl, jsonl.gz or parquet into a list of dicts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DATA_ENV = "NANOCHAT_DATA"
+HF = "https://huggingface.co/datasets"
+FINEWEB_SHARD_URL = f"{HF}/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{{index:05d}}.parquet"
+FINEWEB_NUM_SHARDS = 1823
+
+# Mirror path -> real source. The HF files keep the same schema as the mirror's, possibly another format.
+HF_SOURCES: dict[str, str] = {
+    "arc/ARC-Easy/train.parquet": f"{HF}/allenai/ai2_arc/resolve/main/ARC-Easy/train-00000-of-00001.parquet",
+    "arc/ARC-Easy/validation.parquet": f"{HF}/allenai/ai2_arc/resolve/main/ARC-Easy/validation-00000-of-00001.parquet",
+    "arc/ARC-Easy/test.parquet": f"{HF}/allenai/ai2_arc/resolve/main/ARC-Easy/test-00000-of-00001.parquet",
+    "arc/ARC-Challenge/train.parquet": f"{HF}/allenai/ai2_arc/resolve/main/ARC-Challenge/train-00000-of-00001.parquet",
+    "arc/ARC-Challenge/validation.parquet": (
+        f"{HF}/allenai/ai2_arc/resolve/main/ARC-Challenge/validation-00000-of-00001.parquet"
+    ),
+    "arc/ARC-Challenge/test.parquet": f"{HF}/allenai/ai2_arc/resolve/main/ARC-Challenge/test-00000-of-00001.parquet",
+    "mmlu/all/test.parquet": f"{HF}/cais/mmlu/resolve/main/all/test-00000-of-00001.parquet",
+    "mmlu/all/dev.parquet": f"{HF}/cais/mmlu/resolve/main/all/dev-00000-of-00001.parquet",
+    "mmlu/all/validation.parquet": f"{HF}/cais/mmlu/resolve/main/all/validation-00000-of-00001.parquet",
+    "mmlu/auxiliary_train/train.parquet": (
+        f"{HF}/cais/mmlu/resolve/main/auxiliary_train/train-00000-of-00001.parquet"
+    ),
+    "gsm8k/train.jsonl": f"{HF}/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet",
+    "gsm8k/test.jsonl": f"{HF}/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet",
+    "humaneval/HumanEval.jsonl.gz": f"{HF}/openai/openai_humaneval/resolve/main/openai_humaneval/test-00000-of-00001.parquet",
+}
+# Conversation data for SFT / midtraining: the mirror's sft/*.jsonl, or SmolTalk.
+HF_SFT_SOURCES = [f"{HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-00000-of-00001.parquet"]
+
+
+class DataError(RuntimeError):
+    """Data is missing or malformed; the message names the file."""
+
+
+def data_root() -> str | None:
+    root = os.environ.get(DATA_ENV, "").strip()
+    if not root:
+        return None
+    if root.startswith(("http://", "https://")):
+        return root.rstrip("/")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{DATA_ENV}={root} is not a directory (expected a layout like ../shared/data)")
+    return str(path.resolve())
+
+
+def is_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
+
+
+def resolve(name: str) -> str:
+    """Local path or URL of a dataset file named by its mirror path."""
+    root = data_root()
+    if root is not None:
+        return f"{root}/{name}" if is_url(root) else str(Path(root) / name)
+    if name in HF_SOURCES:
+        return HF_SOURCES[name]
+    raise DataError(f"no default source for {name!r}: set {DATA_ENV} to a mirror directory or URL")
+
+
+def list_mirror(prefix: str, suffix: str) -> list[str]:
+    """Mirror paths under `prefix` ending in `suffix` (local mirrors only; URLs cannot be listed)."""
+    root = data_root()
+    if root is None or is_url(root):
+        return []
+    base = Path(root) / prefix
+    return sorted(f"{prefix}/{p.name}" for p in base.glob(f"*{suffix}")) if base.is_dir() else []
+
+
+def sft_sources() -> list[str]:
+    """Locations of the conversation files (`{"messages": [...]}` rows)."""
+    root = data_root()
+    if root is None:
+        return list(HF_SFT_SOURCES)
+    names = list_mirror("sft", ".jsonl")
+    if not names and is_url(root):
+        raise DataError(f"{DATA_ENV} is a URL; list sft files explicitly (cannot list {root}/sft/)")
+    if not names:
+        raise DataError(f"no conversation files in {root}/sft/ (expected *.jsonl)")
+    return [resolve(n) for n in names]
+
+
+def read_bytes(location: str) -> bytes:
+    if is_url(location):
+        import urllib.request
+
+        with urllib.request.urlopen(location, timeout=60) as r:
+            return r.read()
+    try:
+        return Path(location).read_bytes()
+    except FileNotFoundError as e:
+        raise DataError(f"data file not found: {location}") from e
+
+
+def read_records(location: str) -> list[dict[str, Any]]:
+    """Rows of a jsonl, jsonl.gz or parquet file as dicts, with a clear error on malformed input."""
+    data = read_bytes(location)
+    if location.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(io.BytesIO(data)).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+            raise DataError(f"{location} is not a readable parquet file: {e}") from e
+    if location.endswith(".gz"):
+        data = gzip.decompress(data)
+    rows = []
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{location}:{lineno} is not valid JSON: {e}") from e
+    return rows
+
+
+def read_dataset(name: str) -> list[dict[str, Any]]:
+    return read_records(resolve(name))
