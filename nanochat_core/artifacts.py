@@ -66,7 +66,10 @@ def sha256_json(obj: Any) -> str:
 
 
 def _module_file(module: str) -> Path | None:
-    rel = Path(*module.split(".")[1:])
+    parts = module.split(".")[1:]
+    if not parts:
+        return PACKAGE_ROOT / "__init__.py"
+    rel = Path(*parts)
     for candidate in (PACKAGE_ROOT / rel.with_suffix(".py"), PACKAGE_ROOT / rel / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -211,14 +214,19 @@ def write_manifest(
     upstream: dict[str, str],
     code: str,
     metrics: dict[str, Any] | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> str:
-    """Hash every file under local_dir and write MANIFEST.json last. Returns the manifest digest."""
+    """Hash every file under local_dir and write MANIFEST.json last. Returns the manifest digest.
+
+    `upstream` maps each input flag to its manifest digest (part of the identity); `inputs` maps it to the
+    upstream URI (where to find e.g. the tokenizer of a model; not part of the identity)."""
     root = Path(local_dir)
     files = {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in list_files(root)}
     manifest = {
         "stage": stage,
         "config": config,
         "upstream": upstream,
+        "inputs": inputs or {},
         "code_version": code,
         "metrics": metrics or {},
         "files": files,

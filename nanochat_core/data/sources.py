@@ -37,7 +37,9 @@ HF_SOURCES: dict[str, str] = {
     ),
     "gsm8k/train.jsonl": f"{HF}/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet",
     "gsm8k/test.jsonl": f"{HF}/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet",
-    "humaneval/HumanEval.jsonl.gz": f"{HF}/openai/openai_humaneval/resolve/main/openai_humaneval/test-00000-of-00001.parquet",
+    "humaneval/HumanEval.jsonl.gz": (
+        f"{HF}/openai/openai_humaneval/resolve/main/openai_humaneval/test-00000-of-00001.parquet"
+    ),
 }
 # Conversation data for SFT / midtraining: the mirror's sft/*.jsonl, or SmolTalk.
 HF_SFT_SOURCES = [f"{HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-00000-of-00001.parquet"]

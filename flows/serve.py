@@ -1,0 +1,116 @@
+"""Serving: the speedrun's final task starts the chat server as a detached process and returns its URL;
+the `serve` flow holds a server in the foreground for as long as its flow run lives (cancel it to stop).
+
+A detached server records itself in `<store>/runs/server-<port>.json` (pid, model, url). Running the
+speedrun again reuses a live server of the same model on that port, replaces one of another model, and
+refuses a port held by some other program.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact
+from prefect.logging import get_run_logger
+
+from nanochat_core import artifacts
+from nanochat_core.artifacts import ArtifactRef
+from nanochat_core.launch import python_command, run_streaming
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def health(url: str, timeout: float = 2.0) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+            return json.loads(r.read())
+    except Exception:  # noqa: BLE001 - any failure means "not answering"
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def model_dirs(model: ArtifactRef) -> tuple[Path, Path]:
+    """Local (model dir, tokenizer dir) of a chat model artifact (its manifest names its tokenizer)."""
+    model_dir = artifacts.materialize(model)
+    manifest = artifacts.read_manifest(model.uri)
+    tok_uri = manifest.get("inputs", {}).get("tokenizer")
+    tok_digest = manifest.get("upstream", {}).get("tokenizer")
+    if not tok_uri or not tok_digest:
+        raise ServerError(f"{model.uri} does not name its tokenizer in its manifest; is it a model artifact?")
+    return model_dir, artifacts.materialize(ArtifactRef(tok_uri, tok_digest))
+
+
+def server_command(model: ArtifactRef, host: str, port: int) -> list[str]:
+    model_dir, tok_dir = model_dirs(model)
+    return python_command("nanochat_core.server", ["--model", str(model_dir), "--tokenizer", str(tok_dir),
+                                                   "--host", host, "--port", str(port)])
+
+
+def start_detached(model: ArtifactRef, host: str, port: int, state_dir: Path, wait: float = 180.0) -> dict:
+    """Start (or reuse) a detached chat server for `model`; returns {"url", "pid", "reused"}."""
+    url = f"http://{host}:{port}"
+    state_path = state_dir / f"server-{port}.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state and pid_alive(state["pid"]) and health(url):
+        if state["model"] == model.digest:
+            return {"url": url, "pid": state["pid"], "reused": True}
+        os.killpg(state["pid"], signal.SIGTERM)  # our server, an older model: replace it
+        deadline = time.time() + 30
+        while time.time() < deadline and health(url):
+            time.sleep(0.5)
+    if health(url):
+        raise ServerError(f"port {port} on {host} is already served by another program; choose another --port")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = open(state_dir / f"server-{port}.log", "ab")  # noqa: SIM115 - handed to the child process
+    proc = subprocess.Popen(server_command(model, host, port), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"chat server exited with code {proc.returncode}; see {state_dir / f'server-{port}.log'}")
+        if health(url):
+            artifacts.atomic_write_bytes(state_path, json.dumps(
+                {"pid": proc.pid, "model": model.digest, "url": url}).encode())
+            return {"url": url, "pid": proc.pid, "reused": False}
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise ServerError(f"chat server did not answer {url}/health within {wait:.0f}s")
+
+
+@task(name="serve", task_run_name="serve")
+def start_server_task(model: dict[str, str], host: str, port: int, state_dir: str) -> dict:
+    logger = get_run_logger()
+    info = start_detached(ArtifactRef.from_dict(model), host, port, Path(state_dir))
+    verb = "reusing" if info["reused"] else "started"
+    logger.info(f"{verb} chat server pid {info['pid']} at {info['url']}")
+    create_link_artifact(link=info["url"], link_text="nanochat chat server", key="chat-server",
+                         description=f"Chat UI and OpenAI-compatible API for model {model['uri']}")
+    return info
+
+
+@flow(name="serve", log_prints=True)
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Hold a chat server for `checkpoint` (a model artifact URI) until this flow run is cancelled."""
+    ref = artifacts.verify_artifact(checkpoint, deep=True)
+    cmd = server_command(ref, host, port)
+    create_link_artifact(link=f"http://{host}:{port}", link_text="nanochat chat server", key="chat-server")
+    run_streaming(cmd, on_line=lambda line: print(line, file=sys.stdout, flush=True))

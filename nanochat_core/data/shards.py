@@ -1,0 +1,185 @@
+"""Shards stage: fetch the pretraining parquet shards into the stage's output directory.
+
+Source, in order: `ShardsConfig.source` (a directory or http(s) URL laid out like ../shared/data), else the
+NANOCHAT_DATA mirror, else the real FineWeb-Edu shards on Hugging Face. Shards are named
+`shard_{i:05d}.parquet`; the last one fetched is the validation shard (upstream's convention).
+
+Each shard is written to a temporary name, checked (opens as parquet, has a `text` column, at least one
+row) and renamed into place, so a present shard is a valid one. Shards already present and valid are
+skipped; transient network errors are retried with exponential backoff; a corrupt shard is an error that
+names the file (retrying cannot fix it).
+
+    python -m nanochat_core.data.shards --out DIR [--num-shards 8] [--source DIR|URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
+from nanochat_core.data.sources import DATA_ENV, FINEWEB_NUM_SHARDS, FINEWEB_SHARD_URL, DataError, is_url
+
+SHARD_NAME = "shard_{index:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    num_shards: int = -1  # -1: every shard the source has (all 1823 for FineWeb-Edu)
+    source: str = ""  # directory or URL of a mirror; "" = $NANOCHAT_DATA, else FineWeb-Edu
+    retries: int = 5
+    timeout_seconds: float = 120.0
+
+    def validate(self) -> None:
+        if self.num_shards == 0 or self.num_shards < -1:
+            raise ConfigError(f"ShardsConfig.num_shards must be -1 (all) or >= 1, got {self.num_shards}")
+        if self.num_shards == 1:
+            raise ConfigError("ShardsConfig.num_shards must be >= 2: the last shard is validation, the rest train")
+        if self.retries < 1:
+            raise ConfigError(f"ShardsConfig.retries must be >= 1, got {self.retries}")
+
+
+class TransientError(RuntimeError):
+    """A fetch failure worth retrying (network, 5xx)."""
+
+
+def shard_template(source: str) -> str:
+    """A format string with {index} giving each shard's location."""
+    source = source or os.environ.get(DATA_ENV, "").strip()
+    if not source:
+        return FINEWEB_SHARD_URL
+    if is_url(source):
+        return source.rstrip("/") + "/pretrain/" + SHARD_NAME
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data source {source} is not a directory (expected a layout like ../shared/data)")
+    if not (root / "pretrain").is_dir():
+        raise DataError(f"data source {source} has no pretrain/ directory of shard_*.parquet files")
+    return str(root.resolve() / "pretrain" / SHARD_NAME)
+
+
+def count_available(template: str) -> int:
+    """How many shards the source has (local mirrors are listed; FineWeb's count is known)."""
+    if template == FINEWEB_SHARD_URL:
+        return FINEWEB_NUM_SHARDS
+    if is_url(template):
+        raise ConfigError("num_shards=-1 needs a listable source; give num_shards explicitly for a URL mirror")
+    n = 0
+    while Path(template.format(index=n)).is_file():
+        n += 1
+    return n
+
+
+def check_shard(path: Path) -> int:
+    """Rows in a valid shard; DataError naming the file otherwise."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+        raise DataError(f"shard {path.name} is not a readable parquet file: {e}") from e
+    if "text" not in pf.schema_arrow.names:
+        raise DataError(f"shard {path.name} has no 'text' column (columns: {pf.schema_arrow.names})")
+    if pf.metadata.num_rows == 0:
+        raise DataError(f"shard {path.name} has no rows")
+    return pf.metadata.num_rows
+
+
+def _copy_to(location: str, tmp: Path, timeout: float) -> None:
+    if not is_url(location):
+        if not Path(location).is_file():
+            raise DataError(f"shard not found: {location}")
+        shutil.copyfile(location, tmp)
+        return
+    try:
+        with urllib.request.urlopen(location, timeout=timeout) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f, length=1 << 20)
+    except urllib.error.HTTPError as e:
+        if e.code >= 500 or e.code == 429:
+            raise TransientError(f"{location}: HTTP {e.code}") from e
+        raise DataError(f"cannot fetch {location}: HTTP {e.code}") from e
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        raise TransientError(f"{location}: {e}") from e
+
+
+def fetch_shard(location: str, dest: Path, retries: int, timeout: float) -> None:
+    """Fetch one shard to dest atomically, retrying transient errors."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    for attempt in range(retries):
+        try:
+            _copy_to(location, tmp, timeout)
+            check_shard(tmp)
+            os.replace(tmp, dest)
+            return
+        except TransientError as e:
+            tmp.unlink(missing_ok=True)
+            if attempt == retries - 1:
+                raise DataError(f"giving up on {location} after {retries} attempts: {e}") from e
+            wait = 2**attempt
+            print(f"transient error fetching {location} ({e}); retrying in {wait}s", flush=True)
+            time.sleep(wait)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def download_shards(config: ShardsConfig, out_dir: str | Path) -> dict:
+    """Fetch the shards into out_dir; returns the stage metrics."""
+    config.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    template = shard_template(config.source)
+    n = config.num_shards if config.num_shards > 0 else count_available(template)
+    if n < 2:
+        raise DataError(f"the source {template.format(index=0)} has {n} shard(s); need at least 2 (train + val)")
+    t0 = time.time()
+    fetched = skipped = rows = 0
+    for index in range(n):
+        dest = out / SHARD_NAME.format(index=index)
+        if dest.is_file():
+            try:
+                rows += check_shard(dest)
+                skipped += 1
+                continue
+            except DataError as e:
+                print(f"replacing damaged shard: {e}", flush=True)
+                dest.unlink()
+        fetch_shard(template.format(index=index), dest, config.retries, config.timeout_seconds)
+        rows += check_shard(dest)
+        fetched += 1
+        print(f"shard {index + 1}/{n}: {dest.name}", flush=True)
+    metrics = {"num_shards": n, "fetched": fetched, "skipped": skipped, "documents": rows,
+               "seconds": round(time.time() - t0, 2)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def list_shards(shards_dir: str | Path) -> list[Path]:
+    """The shard files of a shards artifact, in order; the last is validation."""
+    paths = sorted(Path(shards_dir).glob("shard_*.parquet"))
+    if len(paths) < 2:
+        raise DataError(f"{shards_dir} holds {len(paths)} shard(s); need at least 2 (train + val)")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output directory for the shards")
+    add_config_arguments(parser, ShardsConfig)
+    args = parser.parse_args(argv)
+    try:
+        metrics = download_shards(config_from_args(ShardsConfig, args), args.out)
+    except (ConfigError, DataError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

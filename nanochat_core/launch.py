@@ -1,0 +1,76 @@
+"""Run a stage's process (python -m or torchrun) in its own process group and stream its output.
+
+The child gets a new session so that cancellation, a timeout or any exception in the caller kills the
+whole group (torchrun's workers included): SIGTERM first, so training saves a checkpoint, then SIGKILL
+after a grace period. Plain subprocess.run would leave torchrun workers orphaned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+
+class StageFailed(RuntimeError):
+    """A stage process exited with a non-zero code; the message holds the tail of its output."""
+
+
+def python_command(module: str, args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def torchrun_command(module: str, args: Sequence[str], nproc: int, extra: Sequence[str] = ()) -> list[str]:
+    launcher = list(extra) if extra else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", "-m", module, *args]
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not exited after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + grace
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_streaming(
+    cmd: Sequence[str],
+    on_line: Callable[[str], None] = lambda line: print(line, flush=True),
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    grace: float = 30.0,
+) -> None:
+    """Run cmd, passing each output line (stdout+stderr) to on_line. Raises StageFailed on a non-zero exit."""
+    proc = subprocess.Popen(
+        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        env={**os.environ, **(env or {})}, start_new_session=True,
+    )
+    tail: list[str] = []
+    deadline = time.time() + timeout if timeout else None
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            tail = (tail + [line])[-40:]
+            on_line(line)
+            if deadline and time.time() > deadline:
+                raise TimeoutError(f"stage exceeded its {timeout:.0f}s timeout: {' '.join(cmd[:6])} ...")
+        code = proc.wait()
+    finally:
+        stop_group(proc, grace)
+    if code != 0:
+        raise StageFailed(f"command failed with exit code {code}: {' '.join(cmd)}\n" + "\n".join(tail))

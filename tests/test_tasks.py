@@ -1,0 +1,169 @@
+"""Task loaders on the real data mirror: counts, prompt text, GSM8K tool parts, conversation validation, mixtures."""
+
+import json
+
+import pytest
+
+from nanochat_core import tasks
+from nanochat_core.data.sources import DataError
+
+
+@pytest.mark.parametrize(
+    "subset,split,count",
+    [("ARC-Easy", "train", 2251), ("ARC-Easy", "test", 2376), ("ARC-Challenge", "train", 1119),
+     ("ARC-Challenge", "validation", 299)],
+)
+def test_arc_counts(shared_data, subset, split, count):
+    items = tasks.arc(subset, split)
+    assert len(items) == count
+    for item in items[:50]:
+        assert item["answer"] in item["letters"]
+        assert item["messages"][-1] == {"role": "assistant", "content": item["answer"]}
+
+
+def test_mmlu_counts_and_letters(shared_data):
+    assert len(tasks.mmlu("dev")) == 285
+    test = tasks.mmlu("test")
+    assert len(test) == 14042
+    assert all(item["letters"] == ["A", "B", "C", "D"] for item in test)
+    aux = tasks.mmlu_auxiliary_train()
+    assert len(aux) == 8327
+    # the auxiliary set mixes in ARC rows with 3 or 5 choices: letters follow the number of choices
+    assert {len(item["letters"]) for item in aux} >= {3, 4, 5}
+    assert all(item["answer"] in item["letters"] for item in aux)
+
+
+def test_render_mc_exact_text():
+    text = tasks.render_mc("What is 1+1?", ["A", "B", "C"], ["1", "2", "3"])
+    assert text == (
+        "Multiple Choice question: What is 1+1?\n"
+        "- 1=A\n"
+        "- 2=B\n"
+        "- 3=C\n"
+        "\nRespond only with the letter of the correct answer."
+    )
+    with pytest.raises(ValueError):
+        tasks.render_mc("q", ["A", "B"], ["only one"])
+
+
+def test_arc_first_row_prompt(shared_data):
+    first = tasks.arc("ARC-Easy", "train")[0]
+    assert first["messages"][0]["content"] == tasks.render_mc(
+        "Which factor will most likely cause a person to develop a fever?",
+        ["A", "B", "C", "D"],
+        ["a leg muscle relaxing after exercise", "a bacterial population in the bloodstream",
+         "several viral particles on the skin", "carbohydrates being digested in the stomach"],
+    )
+    assert first["answer"] == "B"
+
+
+def test_gsm8k_parts_for_known_row(shared_data):
+    items = tasks.gsm8k("train")
+    assert len(items) == 7473 and len(tasks.gsm8k("test")) == 1319
+    first = items[0]
+    assert first["messages"][0]["content"].startswith("Natalia sold clips to 48 of her friends")
+    assert first["answer"] == "72"
+    assert first["messages"][1]["content"] == [
+        {"type": "text", "text": "Natalia sold 48/2 = "},
+        {"type": "python", "text": "48/2"},
+        {"type": "python_output", "text": "24"},
+        {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "},
+        {"type": "python", "text": "48+24"},
+        {"type": "python_output", "text": "72"},
+        {"type": "text", "text": "72 clips altogether in April and May.\n#### 72"},
+    ]
+
+
+def test_gsm8k_parts_edge_cases():
+    # a calculation whose expression itself contains '=' splits at the last one; no '=' -> empty output
+    assert tasks.gsm8k_parts("<<a==b=1>>x<<7>>") == [
+        {"type": "python", "text": "a==b"}, {"type": "python_output", "text": "1"},
+        {"type": "text", "text": "x"},
+        {"type": "python", "text": "7"}, {"type": "python_output", "text": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("so #### 72", "72"), ("#### 1,234,567", "1234567"), ("#### -3.5 apples", "-3.5"), ("the answer is 5", None),
+     ("#### 1\n#### 2", "1")],
+)
+def test_extract_gsm8k_answer(text, expected):
+    assert tasks.extract_gsm8k_answer(text) == expected
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_invalid_conversations_are_skipped_and_counted(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    with_system = {"messages": [{"role": "system", "content": "be nice"}, *good["messages"]]}
+    bad = [
+        {"messages": []},
+        {"text": "no messages"},
+        {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ["part"]}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "dangling"}]},
+    ]
+    location = _write_jsonl(tmp_path / "mixed.jsonl", [good, *bad, with_system])
+    valid, skipped = tasks.load_conversations(location)
+    assert skipped == len(bad)
+    assert valid == [good, with_system]
+
+
+def test_file_without_valid_conversations_names_the_file(tmp_path):
+    location = _write_jsonl(tmp_path / "allbad.jsonl", [{"messages": []}])
+    with pytest.raises(DataError, match="allbad.jsonl"):
+        tasks.load_conversations(location)
+    with pytest.raises(DataError, match="missing.jsonl"):
+        tasks.load_conversations(str(tmp_path / "missing.jsonl"))
+
+
+def test_missing_mirror_file_is_a_data_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DATA", str(tmp_path))
+    with pytest.raises(DataError, match="gsm8k/train.jsonl"):
+        tasks.gsm8k("train")
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="ARC-Easy"):
+        tasks.arc("ARC-Medium", "train")
+    with pytest.raises(ValueError, match="mid"):
+        tasks.mixture("pretrain")
+
+
+def test_smoltalk_split_is_disjoint(shared_data):
+    train, val = tasks.smoltalk("train"), tasks.smoltalk("val")
+    assert train and val
+    val_texts = {json.dumps(c) for c in val}
+    assert not any(json.dumps(c) in val_texts for c in train)
+    total = sum(len(tasks.load_conversations(loc)[0]) for loc in tasks.sft_sources())
+    assert len(train) + len(val) == total
+
+
+def test_mixture_is_deterministic_and_limited(shared_data):
+    full = tasks.mixture("sft")
+    sizes = [len(s) for s in tasks.mixture_sources("sft")]
+    assert len(full) == sum(sizes)
+    a, b = tasks.mixture("sft", seed=7, limit=200), tasks.mixture("sft", seed=7, limit=200)
+    assert len(a) == 200 and a == b
+    assert tasks.mixture("sft", seed=8, limit=200) != a
+    # proportional: every source contributes about its share of the total
+    easy_ids = {x["id"] for x in tasks.arc("ARC-Easy", "train")}
+    arc_easy = sum(1 for x in a if x.get("id") in easy_ids)
+    assert abs(arc_easy - 200 * sizes[0] / sum(sizes)) <= 1
+    # shuffled: the first items are not all from the first source
+    assert len({type(x["messages"][-1]["content"]).__name__ + str("letters" in x) for x in a[:40]}) > 1
+
+
+def test_proportional_quotas():
+    assert tasks.proportional_quotas([10, 30], 4) == [1, 3]
+    assert sum(tasks.proportional_quotas([7, 5, 3], 10)) == 10
+    assert tasks.proportional_quotas([3, 4], 100) == [3, 4]
+    assert tasks.proportional_quotas([3, 4], 0) == [0, 0]
