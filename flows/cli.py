@@ -35,8 +35,12 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         stage, field, value = parse_override(text)
         overrides.setdefault(stage, {})[field] = value
     quiet_prefect_defaults()
-    from flows.speedrun import speedrun
+    from flows.speedrun import resolve_data, speedrun, stage_configs
+    from nanochat_core.artifacts import check_store
 
+    # Check what the user typed before any server or process starts, so mistakes fail in a second.
+    check_store(args.store)
+    stage_configs(args.preset, overrides, resolve_data(args.data))
     summary = speedrun(preset=args.preset, store=args.store, port=args.port, host=args.host, data=args.data,
                        overrides=overrides, nproc=args.nproc, serve=not args.no_serve)
     print("\nstage       cached  seconds  artifact")

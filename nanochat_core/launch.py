@@ -2,11 +2,13 @@
 
 The child gets a new session so that cancellation, a timeout or any exception in the caller kills the
 whole group (torchrun's workers included): SIGTERM first, so training saves a checkpoint, then SIGKILL
-after a grace period. Plain subprocess.run would leave torchrun workers orphaned.
+after a grace period. Plain subprocess.run would leave torchrun workers orphaned. If the caller itself
+is killed outright, the kernel sends the child SIGTERM (PR_SET_PDEATHSIG), which torchrun passes on.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -26,6 +28,14 @@ def python_command(module: str, args: Sequence[str]) -> list[str]:
 def torchrun_command(module: str, args: Sequence[str], nproc: int, extra: Sequence[str] = ()) -> list[str]:
     launcher = list(extra) if extra else ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", "-m", module, *args]
+
+
+def _new_group_dying_with_parent() -> None:
+    """In the child: own process group, and SIGTERM when the launching process dies (even by SIGKILL)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
@@ -57,7 +67,7 @@ def run_streaming(
     """Run cmd, passing each output line (stdout+stderr) to on_line. Raises StageFailed on a non-zero exit."""
     proc = subprocess.Popen(
         list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        env={**os.environ, **(env or {})}, start_new_session=True,
+        env={**os.environ, **(env or {})}, preexec_fn=_new_group_dying_with_parent,
     )
     tail: list[str] = []
     deadline = time.time() + timeout if timeout else None

@@ -11,6 +11,7 @@ the process output into logs, progress and events).
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -120,6 +121,22 @@ def commit(plan: StagePlan) -> ArtifactRef:
     return ArtifactRef(plan.uri, digest)
 
 
+class StageBusy(RuntimeError):
+    """Another process is computing the same stage into the same directory."""
+
+
+def _lock_work_dir(work_dir: Path):
+    """An exclusive lock on the work dir, so two runs never write one artifact at once."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(work_dir / ".lock", "a+")  # noqa: SIM115 - held for the duration of the stage
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        handle.close()
+        raise StageBusy(f"{work_dir} is being computed by another process; wait for it or stop it") from e
+    return handle
+
+
 def execute(
     plan: StagePlan,
     inputs: dict[str, ArtifactRef],
@@ -129,7 +146,7 @@ def execute(
 ) -> ArtifactRef:
     """Run the stage's process into plan.work_dir and commit the artifact."""
     input_dirs = {flag: artifacts.materialize(ref) for flag, ref in inputs.items()}
-    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_work_dir(plan.work_dir)
     (plan.work_dir / artifacts.MANIFEST).unlink(missing_ok=True)  # being (re)computed: incomplete
     fd, cfg_path = tempfile.mkstemp(prefix=f"nanochat-{plan.stage}-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -139,9 +156,10 @@ def execute(
         cmd = stage_command(plan, input_dirs, Path(cfg_path), nproc if spec.distributed else 1)
         kwargs = {"on_line": on_line} if on_line else {}
         run_streaming(cmd, env=thread_env(nproc if spec.distributed else 1), timeout=timeout, **kwargs)
+        return commit(plan)
     finally:
         os.unlink(cfg_path)
-    return commit(plan)
+        lock.close()
 
 
 def run_stage(stage: str, config: Any, inputs: dict[str, ArtifactRef], store: str, nproc: int = 1,

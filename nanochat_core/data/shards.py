@@ -155,10 +155,12 @@ def download_shards(config: ShardsConfig, out_dir: str | Path) -> dict:
         rows += check_shard(dest)
         fetched += 1
         print(f"shard {index + 1}/{n}: {dest.name}", flush=True)
-    metrics = {"num_shards": n, "fetched": fetched, "skipped": skipped, "documents": rows,
-               "seconds": round(time.time() - t0, 2)}
+    print(f"{fetched} shard(s) fetched, {skipped} already present, {time.time() - t0:.1f}s", flush=True)
+    # Only content facts go into the metrics (and so the manifest): a re-fetch of the same shards must
+    # give the same digest, or every downstream stage would retrain for nothing.
+    metrics = {"num_shards": n, "documents": rows}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return {**metrics, "fetched": fetched, "skipped": skipped}
 
 
 def list_shards(shards_dir: str | Path) -> list[Path]:

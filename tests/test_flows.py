@@ -1,0 +1,189 @@
+"""The speedrun flow against a real Prefect server: end to end, caching, partial re-runs, damaged
+artifacts, kill-and-resume during pretraining, and bad input.
+
+One store is shared by the tests of this module (in order), so finished stages are reused the way a
+user's store would be; each test says what it expects to be Cached.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+# Small enough to run every stage in seconds on 2 cores; the real tiny preset is exercised by `make speedrun`.
+MICRO = {
+    "tokenizer": {"vocab_size": 512, "max_chars": 2_000_000},
+    "base": {"depth": 2, "max_seq_len": 64, "device_batch_size": 8, "total_batch_size": 512,
+             "num_iterations": 30, "eval_every": 15, "eval_tokens": 4096, "save_every": 10},
+    "mid": {"num_iterations": 8, "max_seq_len": 64, "device_batch_size": 8, "total_batch_size": 512,
+            "eval_every": 4, "save_every": 4, "max_examples": 400},
+    "sft": {"num_iterations": 6, "max_seq_len": 64, "device_batch_size": 4, "eval_every": 3, "save_every": 3,
+            "max_examples": 200},
+    "eval": {"max_per_task": 4, "max_new_tokens": 16},
+}
+STAGES = ["shards", "tokenizer", "base", "mid", "sft", "eval"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_overrides(**changes):
+    out = json.loads(json.dumps(MICRO))
+    for stage, fields in changes.items():
+        out.setdefault(stage, {}).update(fields)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(storage)
+    with prefect_test_harness(server_startup_timeout=60):
+        from prefect.settings import PREFECT_API_URL
+
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def server_pids():
+    pids = []
+    yield pids
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def run_flow(store, **kwargs):
+    from flows.speedrun import speedrun
+
+    return speedrun(preset="tiny", store=str(store), **kwargs)
+
+
+def cached(summary):
+    return {name: info["cached"] for name, info in summary["stages"].items()}
+
+
+def chat(url: str, text: str) -> str:
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0.0}
+    with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == {"done": True}
+    return "".join(e.get("token", "") for e in events[:-1])
+
+
+def test_speedrun_end_to_end_then_all_cached(prefect_api, store, server_pids):
+    port = free_port()
+    first = run_flow(store, overrides=MICRO, port=port)
+    server_pids.append(first["server"]["pid"])
+    assert list(first["stages"]) == STAGES
+    assert not any(cached(first).values())
+    summary_path = Path(store) / "runs" / first["run_id"] / "summary.json"
+    on_disk = json.loads(summary_path.read_text())
+    assert set(on_disk["stages"]["base"]) == {"uri", "digest", "cached", "seconds"}
+    assert on_disk["server"]["url"] == f"http://127.0.0.1:{port}"
+    assert (Path(store) / "runs" / first["run_id"] / "report.md").read_text().startswith("#")
+    assert httpx.get(f"{first['server']['url']}/health", timeout=10).status_code == 200
+    assert isinstance(chat(first["server"]["url"], "Hello!"), str)
+
+    base_metrics = json.loads((Path(first["stages"]["base"]["uri"]) / "MANIFEST.json").read_text())["metrics"]
+    assert base_metrics["val_bpb"] < base_metrics["unigram_bpb"]
+
+    t0 = time.time()
+    second = run_flow(store, overrides=MICRO, port=port)
+    assert all(cached(second).values()), cached(second)
+    assert second["server"]["url"] == first["server"]["url"]
+    assert httpx.get(f"{second['server']['url']}/health", timeout=10).status_code == 200
+    assert time.time() - t0 < 60
+    assert {s: i["digest"] for s, i in second["stages"].items()} == {s: i["digest"] for s, i in first["stages"].items()}
+
+
+def test_changing_one_sft_parameter_reruns_sft_and_later_only(prefect_api, store):
+    summary = run_flow(store, overrides=with_overrides(sft={"num_iterations": 4}), serve=False)
+    assert cached(summary) == {"shards": True, "tokenizer": True, "base": True, "mid": True,
+                               "sft": False, "eval": False}
+
+
+def test_damaged_artifact_is_recomputed_not_served_from_cache(prefect_api, store):
+    before = run_flow(store, overrides=MICRO, serve=False)
+    assert all(cached(before).values())
+    mid_dir = Path(before["stages"]["mid"]["uri"])
+    (mid_dir / "model.pt").unlink()
+    after = run_flow(store, overrides=MICRO, serve=False)
+    assert cached(after) == {"shards": True, "tokenizer": True, "base": True, "mid": False,
+                             "sft": False, "eval": False}
+    assert (mid_dir / "model.pt").is_file()
+
+
+def test_kill_during_pretraining_then_resume(prefect_api, store, tmp_path):
+    overrides = with_overrides(base={"num_iterations": 60, "seed": 7})
+    args = [sys.executable, "-m", "flows.cli", "speedrun", "--preset", "tiny", "--store", str(store), "--no-serve"]
+    for stage, fields in overrides.items():
+        args += [a for k, v in fields.items() for a in ("--set", f"{stage}.{k}={json.dumps(v)}")]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    log = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    checkpoints = []
+    while time.time() < deadline and not checkpoints:
+        assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+        checkpoints = [p for p in Path(store).glob("base/*/checkpoints/step_*") if not p.name.startswith(".")]
+        time.sleep(0.5)
+    assert checkpoints, "no base checkpoint appeared"
+    os.kill(proc.pid, signal.SIGKILL)  # the orchestrating process dies outright
+    proc.wait()
+    time.sleep(3)  # torchrun gets SIGTERM from the kernel (parent death) and stops its workers
+    leftover = subprocess.run(["pgrep", "-f", "nanochat_core.train.base"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "training processes outlived the killed run"
+
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = sorted((Path(store) / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    summary = json.loads(runs[-1].read_text())
+    assert summary["stages"]["shards"]["cached"] and summary["stages"]["tokenizer"]["cached"]
+    assert not summary["stages"]["base"]["cached"]
+    base = json.loads((Path(summary["stages"]["base"]["uri"]) / "MANIFEST.json").read_text())
+    assert base["metrics"]["resumed_from_step"] > 0
+    assert base["metrics"]["steps"] == 60
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--data", "/nonexistent/data"], "/nonexistent/data"),
+    (["--set", "sft.num_iterationz=3"], "num_iterationz"),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, extra, message):
+    args = [sys.executable, "-m", "flows.cli", "speedrun", "--store", str(tmp_path / "s"), "--no-serve", *extra]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_store_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    args = [sys.executable, "-m", "flows.cli", "speedrun", "--store", str(blocker / "store"), "--no-serve"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "not writable" in result.stderr
+    assert blocker.read_text() == "not a directory"
