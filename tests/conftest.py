@@ -22,3 +22,23 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "pretrain").is_dir():
         pytest.fail(f"shared data not found at {SHARED_DATA} (set NANOCHAT_TEST_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
+    """A tokenizer (vocab 512 incl. the 9 specials) trained on ~300K chars of shard_00000, saved to a tmp dir.
+    Load it with `nanochat_core.tokenizer.Tokenizer.load(tiny_tokenizer_dir)`."""
+    import pyarrow.parquet as pq
+
+    from nanochat_core.tokenizer import Tokenizer
+
+    table = pq.read_table(shared_data / "pretrain" / "shard_00000.parquet", columns=["text"])
+    texts, chars = [], 0
+    for text in table.column("text").to_pylist():
+        texts.append(text)
+        chars += len(text)
+        if chars >= 300_000:
+            break
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    Tokenizer.train_from_iterator(texts, vocab_size=512).save(out)
+    return out

@@ -101,7 +101,9 @@ impl Eq for MergeJob {}
 impl Ord for MergeJob {
     fn cmp(&self, other: &Self) -> Ordering {
         // Max-heap on count; among equal counts the smaller pair is "greater", i.e. popped first.
-        self.count.cmp(&other.count).then_with(|| other.pair.cmp(&self.pair))
+        self.count
+            .cmp(&other.count)
+            .then_with(|| other.pair.cmp(&self.pair))
     }
 }
 
@@ -124,7 +126,9 @@ fn count_pairs(words: &[Word], counts: &[i64]) -> PairStats {
                 for p in w.ids.windows(2) {
                     let pair = (p[0], p[1]);
                     *pc.entry(pair).or_default() += counts[i];
-                    pos.entry(pair).or_insert_with(AHashSet::new).insert(i as u32);
+                    pos.entry(pair)
+                        .or_insert_with(AHashSet::new)
+                        .insert(i as u32);
                 }
                 (pc, pos)
             },
@@ -152,7 +156,9 @@ pub fn train(chunks: AHashMap<String, i64>, num_merges: u32) -> Vec<Pair> {
     let counts: Vec<i64> = chunks.iter().map(|(_, c)| *c).collect();
     let mut words: Vec<Word> = chunks
         .into_iter()
-        .map(|(s, _)| Word { ids: s.bytes().map(u32::from).collect() })
+        .map(|(s, _)| Word {
+            ids: s.bytes().map(u32::from).collect(),
+        })
         .collect();
 
     let (mut pair_counts, positions) = count_pairs(&words, &counts);
@@ -239,7 +245,10 @@ pub fn encode_chunk(piece: &[u8], ranks: &AHashMap<Vec<u8>, u32>, out: &mut Vec<
     let mut bounds: Vec<usize> = (0..=piece.len()).collect();
     let rank_of = |bounds: &[usize], i: usize| -> u32 {
         if i + 2 < bounds.len() {
-            ranks.get(&piece[bounds[i]..bounds[i + 2]]).copied().unwrap_or(u32::MAX)
+            ranks
+                .get(&piece[bounds[i]..bounds[i + 2]])
+                .copied()
+                .unwrap_or(u32::MAX)
         } else {
             u32::MAX
         }
@@ -270,7 +279,11 @@ pub fn encode_chunk(piece: &[u8], ranks: &AHashMap<Vec<u8>, u32>, out: &mut Vec<
 }
 
 /// Split `text` with `pattern` and encode every chunk.
-pub fn encode(text: &str, pattern: &Regex, ranks: &AHashMap<Vec<u8>, u32>) -> Result<Vec<u32>, String> {
+pub fn encode(
+    text: &str,
+    pattern: &Regex,
+    ranks: &AHashMap<Vec<u8>, u32>,
+) -> Result<Vec<u32>, String> {
     let mut ids = Vec::with_capacity(text.len() / 3 + 1);
     for m in pattern.find_iter(text) {
         let piece = m.map_err(|e| format!("regex split failed: {e}"))?.as_str();
@@ -290,16 +303,28 @@ mod tests {
     }
 
     fn ranks_of(merges: &[Pair]) -> AHashMap<Vec<u8>, u32> {
-        build_vocab(merges).into_iter().enumerate().map(|(i, b)| (b, i as u32)).collect()
+        build_vocab(merges)
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| (b, i as u32))
+            .collect()
     }
 
     #[test]
     fn merge_pair_overlapping_runs() {
-        let mut w = Word { ids: vec![97, 97, 97, 97] };
+        let mut w = Word {
+            ids: vec![97, 97, 97, 97],
+        };
         let mut deltas = Vec::new();
         w.merge_pair((97, 97), 256, &mut deltas);
         assert_eq!(w.ids, vec![256, 256]);
-        let net = |p: Pair| deltas.iter().filter(|(q, _)| *q == p).map(|(_, d)| d).sum::<i64>();
+        let net = |p: Pair| {
+            deltas
+                .iter()
+                .filter(|(q, _)| *q == p)
+                .map(|(_, d)| d)
+                .sum::<i64>()
+        };
         assert_eq!(net((97, 97)), -3);
         assert_eq!(net((256, 256)), 1);
         assert_eq!(net((256, 97)), 0);

@@ -15,15 +15,16 @@ mod bpe;
 
 use ahash::AHashMap;
 use fancy_regex::Regex;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyUnicodeDecodeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyUnicodeDecodeError};
+use pyo3::types::PyBytes;
 
 /// nanochat's split pattern: GPT-4's, with `\p{N}{1,2}` instead of `\p{N}{1,3}`.
 const SPLIT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
 fn compile(pattern: &str) -> PyResult<Regex> {
-    Regex::new(pattern).map_err(|e| PyValueError::new_err(format!("invalid regex pattern {pattern:?}: {e}")))
+    Regex::new(pattern)
+        .map_err(|e| PyValueError::new_err(format!("invalid regex pattern {pattern:?}: {e}")))
 }
 
 /// A trained byte-level BPE tokenizer. A fresh one has no merges (every byte is its own token) and
@@ -43,8 +44,18 @@ pub struct Tokenizer {
 impl Tokenizer {
     fn from_merges(merges: Vec<bpe::Pair>, pattern: String, compiled: Regex) -> Self {
         let vocab = bpe::build_vocab(&merges);
-        let ranks = vocab.iter().enumerate().map(|(i, b)| (b.clone(), i as u32)).collect();
-        Self { merges, pattern, compiled, vocab, ranks }
+        let ranks = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.clone(), i as u32))
+            .collect();
+        Self {
+            merges,
+            pattern,
+            compiled,
+            vocab,
+            ranks,
+        }
     }
 
     fn encode_str(&self, text: &str) -> PyResult<Vec<u32>> {
@@ -55,7 +66,10 @@ impl Tokenizer {
         let mut out = Vec::with_capacity(ids.len() * 4);
         for &id in ids {
             let bytes = self.vocab.get(id as usize).ok_or_else(|| {
-                PyValueError::new_err(format!("unknown token id {id} (vocab size {})", self.vocab.len()))
+                PyValueError::new_err(format!(
+                    "unknown token id {id} (vocab size {})",
+                    self.vocab.len()
+                ))
             })?;
             out.extend_from_slice(bytes);
         }
@@ -64,7 +78,12 @@ impl Tokenizer {
 }
 
 /// Pull up to `n` strings from a Python iterator (GIL held). Returns true once the iterator is exhausted.
-fn refill(it: &mut Bound<'_, pyo3::types::PyIterator>, n: usize, buf: &mut Vec<String>, seen: &mut u64) -> PyResult<bool> {
+fn refill(
+    it: &mut Bound<'_, pyo3::types::PyIterator>,
+    n: usize,
+    buf: &mut Vec<String>,
+    seen: &mut u64,
+) -> PyResult<bool> {
     buf.clear();
     while buf.len() < n {
         match it.next() {
@@ -72,8 +91,14 @@ fn refill(it: &mut Bound<'_, pyo3::types::PyIterator>, n: usize, buf: &mut Vec<S
             Some(item) => {
                 let item = item?;
                 let s: String = item.extract().map_err(|_| {
-                    let kind = item.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-                    PyTypeError::new_err(format!("train_from_iterator expects str items, item {seen} is {kind}"))
+                    let kind = item
+                        .get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|_| "?".into());
+                    PyTypeError::new_err(format!(
+                        "train_from_iterator expects str items, item {seen} is {kind}"
+                    ))
                 })?;
                 buf.push(s);
                 *seen += 1;
@@ -87,7 +112,11 @@ fn refill(it: &mut Bound<'_, pyo3::types::PyIterator>, n: usize, buf: &mut Vec<S
 impl Tokenizer {
     #[new]
     fn new() -> PyResult<Self> {
-        Ok(Self::from_merges(Vec::new(), SPLIT_PATTERN.to_string(), compile(SPLIT_PATTERN)?))
+        Ok(Self::from_merges(
+            Vec::new(),
+            SPLIT_PATTERN.to_string(),
+            compile(SPLIT_PATTERN)?,
+        ))
     }
 
     /// Train on an iterator of str: strings are pulled `buffer_size` at a time under the GIL, then split
@@ -108,7 +137,9 @@ impl Tokenizer {
             )));
         }
         if buffer_size < 1 {
-            return Err(PyValueError::new_err(format!("buffer_size must be >= 1, got {buffer_size}")));
+            return Err(PyValueError::new_err(format!(
+                "buffer_size must be >= 1, got {buffer_size}"
+            )));
         }
         let pattern = pattern.unwrap_or_else(|| SPLIT_PATTERN.to_string());
         let compiled = compile(&pattern)?;
@@ -119,7 +150,9 @@ impl Tokenizer {
         let mut seen = 0u64;
         loop {
             let exhausted = refill(&mut it, buffer_size as usize, &mut buf, &mut seen)?;
-            let local = py.allow_threads(|| bpe::count_chunks(&buf, &compiled)).map_err(PyValueError::new_err)?;
+            let local = py
+                .allow_threads(|| bpe::count_chunks(&buf, &compiled))
+                .map_err(PyValueError::new_err)?;
             counts = bpe::merge_counts(counts, local);
             if exhausted {
                 break;
@@ -139,7 +172,11 @@ impl Tokenizer {
 
     /// [(token_bytes, rank)] for every token in rank (= id) order, ready for tiktoken.Encoding.
     fn get_mergeable_ranks<'py>(&self, py: Python<'py>) -> Vec<(Bound<'py, PyBytes>, u32)> {
-        self.vocab.iter().enumerate().map(|(i, b)| (PyBytes::new(py, b), i as u32)).collect()
+        self.vocab
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (PyBytes::new(py, b), i as u32))
+            .collect()
     }
 
     /// 256 + number of merges.
@@ -150,8 +187,7 @@ impl Tokenizer {
 
     /// Encode text to token ids (identical to tiktoken's encode_ordinary with these ranks and pattern).
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
-        let text = text.to_owned();
-        py.allow_threads(|| bpe::encode(&text, &self.compiled, &self.ranks)).map_err(PyValueError::new_err)
+        py.allow_threads(|| self.encode_str(text))
     }
 
     /// Encode many texts in parallel (GIL released).
@@ -178,7 +214,11 @@ impl Tokenizer {
     }
 
     fn __repr__(&self) -> String {
-        format!("rustbpe.Tokenizer(vocab_size={}, pattern={:?})", self.vocab_size(), self.pattern)
+        format!(
+            "rustbpe.Tokenizer(vocab_size={}, pattern={:?})",
+            self.vocab_size(),
+            self.pattern
+        )
     }
 }
 
