@@ -1,0 +1,125 @@
+"""Muon: momentum SGD whose update is orthogonalized by a quintic Newton-Schulz iteration.
+
+`Muon` runs in one process. `DistMuon` shards the work across ranks (no DDP wrapper needed): for each
+block of world_size same-shape parameters, a reduce-scatter averages the gradients so that every rank
+owns one parameter, the owner applies the update, and an all-gather brings the result to every rank.
+Momentum buffers live on the owner rank only, so optimizer state is saved per rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalize G (push its singular values towards 1), in bfloat16."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X
+
+
+def muon_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, momentum: float,
+                nesterov: bool, ns_steps: int) -> None:
+    buf.lerp_(grad, 1 - momentum)
+    g = grad.lerp(buf, momentum) if nesterov else buf
+    g = zeropower_via_newtonschulz5(g, ns_steps)
+    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5  # taller matrices take a larger step
+    p.add_(g.to(p.dtype), alpha=-lr * scale)
+
+
+def _shape_groups(params: list[torch.Tensor], lr: float, momentum: float, nesterov: bool, ns_steps: int) -> list[dict]:
+    """One param group per shape, in a deterministic order (every rank must agree)."""
+    shapes = sorted({tuple(p.shape) for p in params})
+    return [{"params": [p for p in params if tuple(p.shape) == shape], "lr": lr, "momentum": momentum,
+             "nesterov": nesterov, "ns_steps": ns_steps} for shape in shapes]
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
+        params = list(params)
+        if any(p.ndim != 2 for p in params):
+            raise ValueError("Muon optimizes 2-D matrices only; use AdamW for other parameters")
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps}
+        super().__init__(_shape_groups(params, lr, momentum, nesterov, ns_steps), defaults)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                muon_update(p, p.grad, state["momentum_buffer"], group["lr"], group["momentum"],
+                            group["nesterov"], group["ns_steps"])
+
+
+class DistMuon(torch.optim.Optimizer):
+    """Muon with the orthogonalization sharded across ranks (reduce-scatter grads, all-gather params)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
+        params = list(params)
+        if any(p.ndim != 2 for p in params):
+            raise ValueError("DistMuon optimizes 2-D matrices only; use AdamW for other parameters")
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps}
+        groups = _shape_groups(params, lr, momentum, nesterov, ns_steps)
+        for group in groups:
+            group["zero_buffer"] = torch.zeros_like(group["params"][0])
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        pending = []  # (future, group, owned param or None, its averaged grad)
+        for group in self.param_groups:
+            params, zero = group["params"], group["zero_buffer"]
+            for base in range(0, len(params), world):
+                block = params[base:base + world]
+                inputs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block]
+                inputs += [zero] * (world - len(block))
+                owned = block[rank] if rank < len(block) else None
+                out = torch.empty_like(zero)
+                work = dist.reduce_scatter(out, inputs, op=dist.ReduceOp.AVG, async_op=True)
+                pending.append((work, group, base, owned, out))
+        gathers = []
+        for work, group, base, owned, grad in pending:
+            work.wait()
+            if owned is not None:
+                state = self.state[owned]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                muon_update(owned, grad, state["momentum_buffer"], group["lr"], group["momentum"],
+                            group["nesterov"], group["ns_steps"])
+            params, zero = group["params"], group["zero_buffer"]
+            block = params[base:base + world]
+            outputs = block + [torch.empty_like(zero) for _ in range(world - len(block))]
+            source = owned if owned is not None else zero
+            gathers.append(dist.all_gather(outputs, source.contiguous(), async_op=True))
+        for work in gathers:
+            work.wait()
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            group.pop("zero_buffer", None)
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        zeros = [g["zero_buffer"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, zero in zip(self.param_groups, zeros, strict=True):
+            group["zero_buffer"] = zero
