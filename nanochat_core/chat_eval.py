@@ -140,18 +140,19 @@ def predict_letters(model: torch.nn.Module, tokenizer, conversations: list[dict]
     return predictions
 
 
-def run_categorical(model, tokenizer, items: list[dict], batch_size: int, progress) -> tuple[int, list[dict]]:
-    """Correct count over `items` (this rank's share) and a few samples."""
-    correct, samples = 0, []
+def run_categorical(model, tokenizer, items: list[dict], batch_size: int, progress) -> tuple[int, int, list[dict]]:
+    """Correct count, cropped-prompt count and a few samples over `items` (this rank's share)."""
+    correct, cropped, samples = 0, 0, []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
+        cropped += sum(len(tokenizer.render_for_completion(c)) > context_length(model) for c in batch)
         for item, predicted in zip(batch, predict_letters(model, tokenizer, batch), strict=True):
             correct += int(predicted == item["answer"])
             if len(samples) < NUM_SAMPLES_KEPT:
                 samples.append({"prompt": item["messages"][0]["content"], "completion": predicted,
                                 "answer": item["answer"], "correct": predicted == item["answer"]})
         progress(start + len(batch), correct)
-    return correct, samples
+    return correct, cropped, samples
 
 
 # -----------------------------------------------------------------------------
@@ -224,13 +225,13 @@ def evaluate_task(config: ChatEvalConfig, name: str, model, tokenizer) -> dict[s
         emit_progress(done * world, len(items), task=name, accuracy=correct / max(1, done))
 
     if name in CATEGORICAL:
-        correct, samples = run_categorical(model, tokenizer, mine, config.batch_size, progress)
-        cropped = 0  # categorical prompts keep their answer position: a left crop only loses early context
+        correct, cropped, samples = run_categorical(model, tokenizer, mine, config.batch_size, progress)
     else:
         correct, cropped, samples = run_generative(model, tokenizer, mine, config, rank, world, progress)
     correct, total, cropped = all_reduce_counts([correct, len(mine), cropped], device)
     accuracy = correct / total if total else 0.0
-    print0(f"{name}: {correct}/{total} = {accuracy:.4f}")
+    note = f" ({cropped} prompts left-cropped to the {context_length(model)}-token context)" if cropped else ""
+    print0(f"{name}: {correct}/{total} = {accuracy:.4f}{note}")
     return {"accuracy": accuracy, "n": total, "correct": correct, "cropped": cropped,
             "centered": centered(accuracy, BASELINES[name]), "baseline": BASELINES[name], "samples": samples}
 

@@ -99,10 +99,15 @@ def sft_sources() -> list[str]:
 
 def read_bytes(location: str) -> bytes:
     if is_url(location):
+        import urllib.error
         import urllib.request
 
-        with urllib.request.urlopen(location, timeout=60) as r:
-            return r.read()
+        try:
+            with urllib.request.urlopen(location, timeout=60) as r:
+                return r.read()
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            hint = "" if data_root() else f" (set {DATA_ENV} to an offline mirror such as ../shared/data)"
+            raise DataError(f"cannot fetch {location}: {e}{hint}") from e
     try:
         return Path(location).read_bytes()
     except FileNotFoundError as e:

@@ -1,0 +1,180 @@
+"""Chat eval on a tiny random-init GPT and a tiny trained tokenizer: config checks, the categorical scoring
+path checked by hand, GSM8K answer matching, the full evaluate() and the stage CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from nanochat_core import chat_eval, tasks
+from nanochat_core.chat_eval import ChatEvalConfig
+from nanochat_core.config import ConfigError, config_from_dict
+from nanochat_core.gpt import GPT, config_for_depth
+from nanochat_core.tokenizer import Tokenizer
+
+SEQ_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir) -> Tokenizer:
+    return Tokenizer.load(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> GPT:
+    torch.manual_seed(0)
+    gpt = GPT(config_for_depth(1, tokenizer.get_vocab_size(), SEQ_LEN))
+    gpt.init_weights()
+    return gpt.eval()
+
+
+# -----------------------------------------------------------------------------
+# config
+
+def test_unknown_task_lists_valid_ones():
+    with pytest.raises(ConfigError, match="ARC-Easy, ARC-Challenge, MMLU, GSM8K"):
+        config_from_dict(ChatEvalConfig, {"tasks": "ARC-Easy,HellaSwag"})
+    with pytest.raises(ConfigError, match="max_per_task"):
+        config_from_dict(ChatEvalConfig, {"max_per_task": 0})
+    with pytest.raises(ConfigError, match="twice"):
+        config_from_dict(ChatEvalConfig, {"tasks": "MMLU,MMLU"})
+    assert config_from_dict(ChatEvalConfig, {"tasks": " MMLU , GSM8K "}).task_names() == ["MMLU", "GSM8K"]
+
+
+def test_eval_subset_is_seeded():
+    items = [{"i": i} for i in range(100)]
+    a = chat_eval.eval_subset(items, 10, seed=1)
+    assert a == chat_eval.eval_subset(items, 10, seed=1) and len(a) == 10
+    assert a != chat_eval.eval_subset(items, 10, seed=2)
+    assert sorted(x["i"] for x in chat_eval.eval_subset(items, -1, seed=1)) == list(range(100))
+
+
+# -----------------------------------------------------------------------------
+# GSM8K answers
+
+@pytest.mark.parametrize(
+    "completion,correct",
+    [("3 + 4 = 7.\n#### 7", True), ("#### 7,000", False), ("The answer is 7", False), ("#### 70", False),
+     ("<|python_start|>3+4<|python_end|><|output_start|>7<|output_end|> so #### 7", True)],
+)
+def test_gsm8k_is_correct(completion, correct):
+    assert chat_eval.gsm8k_is_correct({"answer": "7"}, completion) is correct
+
+
+def test_gsm8k_comma_answers_match():
+    assert chat_eval.gsm8k_is_correct({"answer": "7000"}, "#### 7,000")
+
+
+def test_generation_budget_fits_the_context():
+    assert chat_eval.generation_budget(list(range(10)), 50, 256) == (list(range(10)), 50)
+    assert chat_eval.generation_budget(list(range(240)), 50, 256) == (list(range(240))[-206:], 50)
+    prompt, budget = chat_eval.generation_budget(list(range(300)), 512, 256)
+    assert prompt == list(range(300))[-128:] and budget == 128
+
+
+# -----------------------------------------------------------------------------
+# categorical scoring, by hand
+
+def test_categorical_prompt_and_letter_restriction(model, tokenizer, shared_data):
+    conversation = tasks.arc("ARC-Easy", "test")[0]
+    prompt = chat_eval.categorical_prompt(tokenizer, conversation, SEQ_LEN)
+    special = tokenizer.encode_special
+    expected = ([tokenizer.get_bos_token_id(), special("<|user_start|>")]
+                + tokenizer.encode(conversation["messages"][0]["content"])
+                + [special("<|user_end|>"), special("<|assistant_start|>")])
+    assert prompt == expected
+    assert prompt[-1] == special("<|assistant_start|>")
+
+    letter_ids = chat_eval.letter_token_ids(tokenizer, conversation["letters"])
+    assert letter_ids == [tokenizer.encode(letter)[0] for letter in conversation["letters"]]
+    with torch.no_grad():
+        last = model(torch.tensor([prompt]))[0, -1]
+    assert last.shape == (tokenizer.get_vocab_size(),)
+    by_hand = conversation["letters"][int(last[letter_ids].argmax())]
+    assert chat_eval.predict_letters(model, tokenizer, [conversation]) == [by_hand]
+
+
+def test_right_padding_does_not_change_predictions(model, tokenizer, shared_data):
+    conversations = tasks.arc("ARC-Challenge", "test")[:4]
+    assert len({len(tokenizer.render_for_completion(c)) for c in conversations}) > 1  # really padded
+    batched = chat_eval.predict_letters(model, tokenizer, conversations)
+    single = [chat_eval.predict_letters(model, tokenizer, [c])[0] for c in conversations]
+    assert batched == single
+    assert all(p in c["letters"] for p, c in zip(batched, conversations, strict=True))
+
+
+# -----------------------------------------------------------------------------
+# the whole evaluation
+
+def test_evaluate_tiny_model(model, tokenizer, shared_data):
+    config = ChatEvalConfig(tasks="ARC-Easy,MMLU,GSM8K", max_per_task=4, batch_size=3, max_new_tokens=8)
+    results = chat_eval.evaluate(config, model, tokenizer)
+    assert results["ChatCORE_tasks"] == ["ARC-Easy", "MMLU", "GSM8K"]
+    for name, r in results["tasks"].items():
+        assert r["n"] == 4 and 0 <= r["correct"] <= 4
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["accuracy"] == r["correct"] / 4
+        baseline = chat_eval.BASELINES[name]
+        assert r["centered"] == pytest.approx((r["accuracy"] - baseline) / (1 - baseline))
+        assert r["samples"] and all(s["completion"] is not None for s in r["samples"])
+    mean = sum(r["centered"] for r in results["tasks"].values()) / 3
+    assert results["ChatCORE"] == pytest.approx(mean)
+    assert all(s["completion"] in ("A", "B", "C", "D") for s in results["tasks"]["MMLU"]["samples"])
+
+
+def test_prompts_longer_than_the_context_are_cropped_and_counted(tokenizer, shared_data):
+    torch.manual_seed(0)
+    short = GPT(config_for_depth(1, tokenizer.get_vocab_size(), 32))
+    short.init_weights()
+    config = ChatEvalConfig(tasks="ARC-Easy,GSM8K", max_per_task=2, max_new_tokens=64)
+    results = chat_eval.evaluate(config, short.eval(), tokenizer)
+    for r in results["tasks"].values():
+        assert r["n"] == 2 and r["cropped"] == 2  # every prompt is longer than 32 tokens
+    assert results["tasks"]["ARC-Easy"]["samples"][0]["completion"] in ("A", "B", "C", "D")
+
+
+def save_tiny_model(model, directory) -> None:
+    from nanochat_core.checkpoint import save_final_model
+
+    save_final_model(directory, model, {"model_config": asdict(model.config), "step": 0})
+
+
+def test_stage_cli_writes_results_and_metrics(model, tokenizer, tiny_tokenizer_dir, tmp_path, shared_data):
+    save_tiny_model(model, tmp_path / "model")
+    out = tmp_path / "out"
+    chat_eval.main(["--model", str(tmp_path / "model"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out),
+                    "--tasks", "ARC-Easy,GSM8K", "--max-per-task", "2", "--max-new-tokens", "4",
+                    "--device-type", "cpu"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"ARC-Easy", "GSM8K", "ChatCORE"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"]["ARC-Easy"]["n"] == 2 and results["tasks"]["GSM8K"]["n"] == 2
+    assert results["tasks"]["ARC-Easy"]["accuracy"] == metrics["ARC-Easy"]
+    assert results["config"]["max_per_task"] == 2
+
+
+def test_stage_cli_rejects_unknown_task(tmp_path):
+    with pytest.raises(ConfigError, match="valid tasks"):
+        chat_eval.main(["--model", str(tmp_path), "--tokenizer", str(tmp_path), "--out", str(tmp_path),
+                        "--tasks", "SQuAD"])
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(model, tiny_tokenizer_dir, tmp_path, shared_data):
+    """Striding items across ranks and all-reducing the counts gives the single-process numbers."""
+    save_tiny_model(model, tmp_path / "model")
+    args = ["--model", str(tmp_path / "model"), "--tokenizer", str(tiny_tokenizer_dir), "--tasks", "ARC-Easy,GSM8K",
+            "--max-per-task", "5", "--max-new-tokens", "4", "--device-type", "cpu"]
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"out{world}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "nanochat_core.chat_eval", *args, "--out", str(out)]
+        subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        runs[world] = json.loads((out / "results.json").read_text())["tasks"]
+    for name in ("ARC-Easy", "GSM8K"):
+        assert runs[2][name]["n"] == runs[1][name]["n"] == 5
+        assert runs[2][name]["correct"] == runs[1][name]["correct"]
