@@ -1,12 +1,14 @@
-"""AdamW, and DistAdamW: the same update with ZeRO-2 style sharding across ranks (no DDP wrapper needed).
+"""DistAdamW: AdamW with ZeRO-2 style sharding across ranks (no DDP wrapper needed).
 
-Both use one update function written like torch's single-tensor AdamW, so a distributed run and a
-single-process run given the same averaged gradients produce the same parameters, bit for bit.
+A single process uses torch.optim.AdamW (see GPT.setup_optimizers). DistAdamW does the same math as
+torch's single-tensor AdamW, so a distributed run given the same averaged gradients produces the same
+parameters as torch.optim.AdamW on CPU (bit for bit) and within rounding of the fused CUDA kernel.
 
 Per parameter: reduce-scatter (average) the gradient along dim 0, update this rank's slice (decoupled
-weight decay, bias-corrected Adam), all-gather the slices back into the parameter. Optimizer state is
-the slice's only, so it is saved per rank. A parameter whose first dimension does not divide by the
-world size is all-reduced instead and updated whole on every rank (identically).
+weight decay, bias-corrected Adam), all-gather the slices back into the parameter. Optimizer state covers
+the slice only, so it is saved per rank. A parameter whose first dimension does not divide by the world
+size is all-reduced instead and updated whole, identically, on every rank (its state is then full-size).
+A parameter without a gradient counts as a zero gradient: every rank must take part in every collective.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# torch >= 2.15 renamed the *_tensor collectives (the old names warn); same signatures
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
 
 def adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta1: float, beta2: float,
                  eps: float, weight_decay: float) -> None:
+    """One AdamW step on p in place, written like torch's single-tensor AdamW."""
     if not state:
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p)
@@ -31,49 +38,37 @@ def adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, be
     p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
 
-class AdamW(torch.optim.Optimizer):
+class DistAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01):
         super().__init__(param_groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self) -> None:
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is not None:
-                    adamw_update(p, p.grad, self.state[p], group["lr"], beta1, beta2, group["eps"],
-                                 group["weight_decay"])
-
-
-class DistAdamW(AdamW):
-
-    @torch.no_grad()
-    def step(self) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
-        pending = []
+        pending = []  # launch every reduction first so communication overlaps the updates below
         for group in self.param_groups:
             for p in group["params"]:
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                if p.shape[0] % world == 0:
+                sharded = p.shape[0] % world == 0
+                if sharded:
                     out = torch.empty_like(grad[: p.shape[0] // world])
-                    work = dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
-                    pending.append((work, group, p, out, True))
+                    work = reduce_scatter_single(out, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
                 else:
-                    full = grad.clone()
-                    work = dist.all_reduce(full, op=dist.ReduceOp.AVG, async_op=True)
-                    pending.append((work, group, p, full, False))
+                    out = grad.clone()
+                    work = dist.all_reduce(out, op=dist.ReduceOp.AVG, async_op=True)
+                pending.append((work, group, p, out, sharded))
         gathers = []
         for work, group, p, grad, sharded in pending:
             work.wait()
             beta1, beta2 = group["betas"]
+            hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
             if sharded:
                 rows = p.shape[0] // world
                 shard = p[rank * rows:(rank + 1) * rows]
-                adamw_update(shard, grad, self.state[p], group["lr"], beta1, beta2, group["eps"],
-                             group["weight_decay"])
-                gathers.append(dist.all_gather_into_tensor(p, shard.clone(), async_op=True))
+                adamw_update(shard, grad, self.state[p], *hyper)
+                gathers.append(all_gather_single(p, shard.clone(), async_op=True))
             else:
-                adamw_update(p, grad, self.state[p], group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                adamw_update(p, grad, self.state[p], *hyper)
         for work in gathers:
             work.wait()

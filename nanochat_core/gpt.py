@@ -1,8 +1,12 @@
 """The GPT model (nanochat SEED architecture).
 
 - token embedding -> parameter-free RMSNorm -> N pre-norm blocks -> RMSNorm -> untied lm_head
-- attention: rotary embeddings (RoPE) then QK-norm, grouped-query attention (n_kv_head <= n_head)
-- MLP: ReLU^2; no biases anywhere; logits soft-capped at 15 (computed in float32)
+- attention: rotary embeddings (RoPE, base 10000) then QK-norm, grouped-query attention (n_kv_head <= n_head)
+- MLP: ReLU^2; no biases anywhere; logits soft-capped at 15, computed in float32 (SEED did it in bf16)
+
+Weights are kept in float32 (SEED casts wte to bf16 on CUDA); on CUDA the training loops run the
+forward under bf16 autocast. The rotary tables are float32 too, so an incremental (KV-cache) decode
+gives the same logits as a full forward.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SOFTCAP = 15.0
+ROPE_BASE = 10000.0
 
 
 @dataclass
@@ -30,18 +35,39 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> None:
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_head {self.n_head} must divide n_embd {self.n_embd}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig: n_kv_head {self.n_kv_head} must divide n_head {self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig: head dim {self.n_embd // self.n_head} must be even for rotary embeddings")
+
 
 def config_for_depth(depth: int, vocab_size: int, sequence_len: int, head_dim: int = 128) -> GPTConfig:
-    """The depth dial: width 64 per layer; heads of `head_dim` (smaller heads for models narrower than that)."""
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    """The depth dial: width C = 64·depth, heads of `head_dim` channels, no GQA (n_kv_head = n_head).
+
+    The effective head dim starts at min(head_dim, C) and is halved until it divides C, and
+    n_head = C // head_dim_eff. So d20 -> C 1280, 10 heads of 128; d1 -> C 64, 1 head of 64; d21 ->
+    C 1344 (not a multiple of 128), 21 heads of 64 (SEED's ceil(C/128) heads would not divide C there).
+    """
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
     n_embd = 64 * depth
     hd = min(head_dim, n_embd)
-    while n_embd % hd:  # e.g. depth 21: 1344 is no multiple of 128 -> 64-wide heads
+    while n_embd % hd:
         hd //= 2
     n_head = n_embd // hd
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=n_embd)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                       n_kv_head=n_head, n_embd=n_embd)
+    config.validate()
+    return config
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -49,9 +75,18 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on (B, T, H, D): y1 = x1·cos + x2·sin, y2 = -x1·sin + x2·cos."""
     d = x.shape[3] // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=3).to(x.dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (1, seq_len, 1, head_dim/2), float32."""
+    channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+    inv_freq = 1.0 / (ROPE_BASE ** (channel / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
 class CausalSelfAttention(nn.Module):
@@ -60,9 +95,6 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
-            raise ValueError(f"n_embd {config.n_embd} / n_head {config.n_head} / n_kv_head {config.n_kv_head}: "
-                             "heads must divide the width and kv heads must divide the heads")
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -77,7 +109,7 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # the whole cache so far, this chunk included
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_kv_head != self.n_head
         if Tq == Tk:
@@ -114,6 +146,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        config.validate()
         self.config = config
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
@@ -121,19 +154,14 @@ class GPT(nn.Module):
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.rotary_seq_len = config.sequence_len * 10  # room for generation past the training length
-        cos, sin = self._precompute_rotary(self.rotary_seq_len, config.n_embd // config.n_head)
+        cos, sin = rotary_tables(self.rotary_seq_len, config.n_embd // config.n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def _precompute_rotary(self, seq_len: int, head_dim: int, base: float = 10000.0, device=None):
-        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-        inv_freq = 1.0 / (base ** (channel / head_dim))
-        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
-
     @torch.no_grad()
     def init_weights(self) -> None:
-        """SEED init: N(0,1) embedding, fan-in scaled linears, zero lm_head and output projections."""
+        """SEED init: N(0,1) embedding, fan-in scaled linears, zero lm_head and output projections.
+        Also (re)computes the rotary tables, which a model built on the meta device lacks."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -145,9 +173,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             nn.init.zeros_(block.mlp.c_proj.weight)
             nn.init.zeros_(block.attn.c_proj.weight)
-        cos, sin = self._precompute_rotary(self.rotary_seq_len, self.config.n_embd // self.config.n_head,
+        self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.n_embd // self.config.n_head,
                                            device=self.lm_head.weight.device)
-        self.cos, self.sin = cos, sin
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -160,8 +187,9 @@ class GPT(nn.Module):
 
     def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
                          weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
-        """[AdamW for embedding + lm_head, Muon for the block matrices]; distributed versions under torchrun."""
-        from nanochat_core.adamw import AdamW, DistAdamW
+        """[AdamW for lm_head + embedding, Muon for the block matrices]; the sharded versions under torchrun.
+        Every param group records its "initial_lr" for the LR schedules."""
+        from nanochat_core.adamw import DistAdamW
         from nanochat_core.muon import DistMuon, Muon
 
         scale = (self.config.n_embd / 768) ** -0.5  # AdamW LRs were tuned at width 768
@@ -169,33 +197,39 @@ class GPT(nn.Module):
             {"params": [self.lm_head.weight], "lr": unembedding_lr * scale},
             {"params": [self.transformer.wte.weight], "lr": embedding_lr * scale},
         ]
-        matrices = [p for p in self.transformer.h.parameters()]
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
         adam_kwargs = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": weight_decay}
-        if distributed:
-            adamw = DistAdamW(adam_groups, **adam_kwargs)
-            muon = DistMuon(matrices, lr=matrix_lr, momentum=0.95)
+        matrices = list(self.transformer.h.parameters())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            optimizers = [DistAdamW(adam_groups, **adam_kwargs), DistMuon(matrices, lr=matrix_lr, momentum=0.95)]
         else:
-            adamw = AdamW(adam_groups, **adam_kwargs)
-            muon = Muon(matrices, lr=matrix_lr, momentum=0.95)
-        optimizers = [adamw, muon]
+            fused = self.lm_head.weight.device.type == "cuda"
+            optimizers = [torch.optim.AdamW(adam_groups, fused=fused, **adam_kwargs),
+                          Muon(matrices, lr=matrix_lr, momentum=0.95)]
         for opt in optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         return optimizers
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, V) in float32 when targets is None, else the cross-entropy loss (ignore_index=-1):
+        a scalar for loss_reduction="mean", per token (B*T,) for "none"."""
+        if idx.ndim != 2 or idx.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"idx must be a (B, T) integer tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        if loss_reduction not in ("mean", "none"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):
-            raise ValueError(f"sequence of {T0 + T} tokens exceeds the rotary cache of {self.cos.size(1)}")
+            raise ValueError(f"sequence of {T0 + T} tokens exceeds the rotary table of {self.cos.size(1)}")
         cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         logits = self.lm_head(norm(x)).float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)  # in float32 (SEED computed it in bf16)
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)  # float32: in bf16 the cap rounds away logit detail
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

@@ -3,7 +3,12 @@
 `Muon` runs in one process. `DistMuon` shards the work across ranks (no DDP wrapper needed): for each
 block of world_size same-shape parameters, a reduce-scatter averages the gradients so that every rank
 owns one parameter, the owner applies the update, and an all-gather brings the result to every rank.
-Momentum buffers live on the owner rank only, so optimizer state is saved per rank.
+The last block of a shape is padded with a zero buffer. Momentum buffers live on the owner rank only,
+so optimizer state is saved per rank. The list-form collectives used here work on gloo (CPU) and nccl.
+
+Both group parameters by shape in sorted order, so every rank walks them identically. The update is
+blind to the gradient's scale (Newton-Schulz normalizes it first), which is why a single-process step and
+a distributed one agree exactly when their averaged gradients do.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor
 
 def muon_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, momentum: float,
                 nesterov: bool, ns_steps: int) -> None:
+    """One Muon step on p in place (grad is left untouched)."""
     buf.lerp_(grad, 1 - momentum)
     g = grad.lerp(buf, momentum) if nesterov else buf
     g = zeropower_via_newtonschulz5(g, ns_steps)
