@@ -27,14 +27,16 @@ def _eval(node: ast.AST):
     if isinstance(node, ast.Expression):
         return _eval(node.body)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
+        if not isinstance(node.value, str) and abs(node.value) > MAX_MAGNITUDE:
+            raise _Reject
         return node.value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _number(_eval(node.operand))
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         left, right = _number(_eval(node.left)), _number(_eval(node.right))
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise _Reject
+        if isinstance(node.op, ast.Pow) and (not isinstance(right, int) or abs(right) > MAX_EXPONENT):
+            raise _Reject  # small integer powers only
         result = _BINOPS[type(node.op)](left, right)
         if isinstance(result, complex) or abs(result) > MAX_MAGNITUDE:
             raise _Reject

@@ -17,14 +17,28 @@ import torch
 
 from nanochat_core.calculator import calculate
 
+GROW_CHUNK = 1024  # a full cache grows to the next multiple of this many positions
+
 
 class KVCache:
-    """Per-layer keys and values, shaped (B, H_kv, T, D); grows when a sequence outruns it."""
+    """Per-layer keys and values, shaped (B, H_kv, T, D); grows when a sequence outruns it.
 
-    def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int):
+    The storage is allocated on the first insert with that insert's dtype and device, so the cache
+    always matches what the model computes (fp32 on CPU, bf16 under autocast), unless `dtype` is given."""
+
+    def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int,
+                 dtype: torch.dtype | None = None):
+        if min(batch_size, num_heads, seq_len, head_dim, num_layers) < 1:
+            raise ValueError(f"KVCache sizes must be >= 1: batch {batch_size}, heads {num_heads}, "
+                             f"seq_len {seq_len}, head_dim {head_dim}, layers {num_layers}")
         self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
+        self.dtype = dtype
         self.kv: torch.Tensor | None = None
         self.pos = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[4] if self.kv is None else self.kv.size(4)
 
     def reset(self) -> None:
         self.pos = 0
@@ -33,25 +47,37 @@ class KVCache:
         return self.pos
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, D) at the current position; return this layer's keys/values so far."""
+        L, _, B, H, _, D = self.shape
+        if k.shape != v.shape or k.dim() != 4 or (k.size(0), k.size(1), k.size(3)) != (B, H, D):
+            raise ValueError(f"insert_kv expects k and v shaped ({B}, {H}, T, {D}), got {tuple(k.shape)} "
+                             f"and {tuple(v.shape)}")
+        if not 0 <= layer_idx < L:
+            raise ValueError(f"layer_idx {layer_idx} out of range for a {L}-layer cache")
         if self.kv is None:
-            self.kv = torch.empty(self.shape, dtype=k.dtype, device=k.device)
+            self.kv = torch.empty(self.shape, dtype=self.dtype or k.dtype, device=k.device)
         t0, t1 = self.pos, self.pos + k.size(2)
         if t1 > self.kv.size(4):  # grow, keeping what is there
             extra = list(self.kv.shape)
-            extra[4] = (t1 + 1024 - 1) // 1024 * 1024 - self.kv.size(4)
-            self.kv = torch.cat([self.kv, torch.empty(extra, dtype=self.kv.dtype, device=self.kv.device)], dim=4)
+            extra[4] = (t1 + GROW_CHUNK - 1) // GROW_CHUNK * GROW_CHUNK - self.kv.size(4)
+            self.kv = torch.cat([self.kv, self.kv.new_empty(extra)], dim=4)
         self.kv[layer_idx, 0, :, :, t0:t1] = k
         self.kv[layer_idx, 1, :, :, t0:t1] = v
-        if layer_idx == self.kv.size(0) - 1:
+        if layer_idx == L - 1:  # every layer has written this chunk
             self.pos = t1
         return self.kv[layer_idx, 0, :, :, :t1], self.kv[layer_idx, 1, :, :, :t1]
 
     def prefill(self, other: KVCache) -> None:
-        """Copy a batch-1 cache into every row of this one."""
-        assert other.kv is not None and self.kv is None, "prefill needs a filled source and an empty target"
+        """Copy a filled batch-1 cache into every row of this (empty) one."""
+        if other.kv is None or other.shape[2] != 1:
+            raise ValueError("prefill needs a filled batch-1 source cache")
+        if self.kv is not None:
+            raise ValueError("prefill needs an empty target cache")
+        if (other.shape[0], other.shape[3], other.shape[5]) != (self.shape[0], self.shape[3], self.shape[5]):
+            raise ValueError(f"cache shapes differ: source {other.shape}, target {self.shape}")
         if other.pos > self.shape[4]:
             raise ValueError(f"prompt of {other.pos} tokens does not fit a cache of {self.shape[4]}")
-        self.kv = torch.empty(self.shape, dtype=other.kv.dtype, device=other.kv.device)
+        self.kv = other.kv.new_empty(self.shape, dtype=self.dtype or other.kv.dtype)
         self.kv[:, :, :, :, : other.pos] = other.kv[:, :, :, :, : other.pos]
         self.pos = other.pos
 
@@ -59,9 +85,11 @@ class KVCache:
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) token ids. temperature 0 is greedy; top_k 0/None and top_p None/1 disable those."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -76,11 +104,33 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
 
 @dataclass
 class RowState:
+    """One sample's progress: its tokens, tool tokens waiting to be forced in, and whether it is done."""
     tokens: list[int]
     forced: deque = field(default_factory=deque)
     in_python: bool = False
     python_tokens: list[int] = field(default_factory=list)
     completed: bool = False
+
+
+class IncrementalDecoder:
+    """Text deltas of a growing token list that never split a UTF-8 character: decode all tokens so far and
+    hold back while the text ends in U+FFFD (the first bytes of a character whose rest is still to come)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.text = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        return "" if text.endswith("\ufffd") else self._delta(text)
+
+    def flush(self) -> str:
+        """Whatever is held back (at the end of a reply, an incomplete character is shown as U+FFFD)."""
+        return self._delta(self.tokenizer.decode(self.tokens))
+
+    def _delta(self, text: str) -> str:
+        delta, self.text = text[len(self.text):], text
+        return delta
 
 
 class Engine:
@@ -95,57 +145,76 @@ class Engine:
         c = self.model.config
         return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
 
-    def _tool_tokens(self, state: RowState) -> None:
-        """Track python blocks; when one closes, queue the calculator's answer as forced tokens."""
-        token = state.tokens[-1]
+    def step_row(self, row: RowState, sampled: int) -> tuple[int, int]:
+        """Advance one row by one token: a queued tool token if there is one (mask 0), else `sampled` (mask 1).
+        Tracks python blocks; when one closes, queues the calculator's answer as forced tokens."""
+        forced = bool(row.forced)
+        token = row.forced.popleft() if forced else sampled
+        row.tokens.append(token)
+        if token in (self.assistant_end, self.bos):
+            row.completed = True
         if token == self.python_start:
-            state.in_python, state.python_tokens = True, []
-        elif token == self.python_end and state.in_python:
-            state.in_python = False
-            value = calculate(self.tokenizer.decode(state.python_tokens))
+            row.in_python, row.python_tokens = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            value = calculate(self.tokenizer.decode(row.python_tokens))
             if value is not None:
-                state.forced.extend([self.output_start, *self.tokenizer.encode(str(value)), self.output_end])
-        elif state.in_python:
-            state.python_tokens.append(token)
+                row.forced.extend([self.output_start, *self.tokenizer.encode(str(value)), self.output_end])
+        elif row.in_python:
+            row.python_tokens.append(token)
+        return token, 0 if forced else 1
+
+    def _check_request(self, tokens: list[int], num_samples: int, max_tokens: int | None,
+                       temperature: float, top_k: int | None, top_p: float | None) -> None:
+        vocab = self.model.config.vocab_size
+        if not tokens or not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
+            raise ValueError(f"generate needs a non-empty list of token ids in [0, {vocab})")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if max_tokens is not None and max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None: no top-k), got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
                  top_p: float | None = None) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield, per step, the next token of every row and its mask (1 sampled, 0 forced)."""
-        if not tokens or not all(isinstance(t, int) for t in tokens):
-            raise ValueError("generate needs a non-empty list of token ids")
-        device = self.model.lm_head.weight.device
+        """Yield, per step, the next token of every row and its mask (1 sampled, 0 forced).
+
+        At most `max_tokens` steps (None: until the model's context, config.sequence_len, is full); stops
+        early once every row has produced <|assistant_end|> or <|bos|>. Rows that finished early keep
+        being sampled until then (their later tokens are meaningless; generate_batch drops them)."""
+        self._check_request(tokens, num_samples, max_tokens, temperature, top_k, top_p)
+        if max_tokens is None:
+            max_tokens = max(0, self.model.config.sequence_len - len(tokens))
+        if max_tokens == 0:
+            return
+        device = next(self.model.parameters()).device
         rng = torch.Generator(device=device).manual_seed(seed)
         prefill_cache = self._new_cache(1, len(tokens))
         logits = self.model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prefill_cache)
-        logits = logits[:, -1, :].expand(num_samples, -1)
-        cache = self._new_cache(num_samples, len(tokens) + (max_tokens or self.model.config.sequence_len))
+        logits = logits[:, -1, :].expand(num_samples, -1)  # every row samples its own first token from these
+        cache = self._new_cache(num_samples, len(tokens) + max_tokens)
         cache.prefill(prefill_cache)
+        del prefill_cache
         rows = [RowState(tokens=list(tokens)) for _ in range(num_samples)]
-        steps = 0
-        while max_tokens is None or steps < max_tokens:
-            if all(r.completed for r in rows):
-                break
+        for step in range(max_tokens):
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()
-            column, masks = [], []
-            for row, token in zip(rows, sampled, strict=True):
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else token
-                column.append(token)
-                masks.append(0 if forced else 1)
-                row.tokens.append(token)
-                if token in (self.assistant_end, self.bos):
-                    row.completed = True
-                self._tool_tokens(row)
-            yield column, masks
-            steps += 1
+            column, masks = zip(*(self.step_row(row, s) for row, s in zip(rows, sampled, strict=True)), strict=True)
+            yield list(column), list(masks)
+            if step == max_tokens - 1 or all(r.completed for r in rows):
+                break
             ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
             logits = self.model(ids, kv_cache=cache)[:, -1, :]
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1,
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:
-        """Whole completions (prompt included, terminal token excluded) and their masks."""
+        """Whole completions (prompt included, terminal token excluded) and their masks (prompt: 0)."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples

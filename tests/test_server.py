@@ -1,0 +1,381 @@
+"""The chat server, run for real with uvicorn on 127.0.0.1 and a tiny random GPT; and the terminal chat.
+
+Replies at temperature 0 are compared with the Engine's own greedy output, so the streaming, decoding
+and prompt rendering are checked end to end, not just the response shapes."""
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from nanochat_core import chat_cli, server
+from nanochat_core.checkpoint import save_final_model
+from nanochat_core.engine import Engine
+from nanochat_core.gpt import GPT, GPTConfig
+from nanochat_core.server import MAX_MESSAGE_CHARS, MAX_MESSAGES, ServeConfig, create_app
+from nanochat_core.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN = 256
+QUESTION = [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir) -> Tokenizer:
+    return Tokenizer.load(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2,
+                       n_kv_head=2, n_embd=32)
+    return GPT(config).eval()  # PyTorch's default init: non-zero logits, varied text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a free local port in a thread; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def url(model, tokenizer):
+    with running(create_app(model, tokenizer, ServeConfig(max_tokens=16))) as base:
+        yield base
+
+
+def greedy_reply(model, tokenizer, messages, max_tokens: int) -> tuple[str, str]:
+    """What the server should answer at temperature 0, and its finish reason."""
+    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    completion = results[0][len(prompt):]
+    return tokenizer.decode(completion), "length" if len(completion) == max_tokens else "stop"
+
+
+def sse_events(response: httpx.Response) -> list:
+    assert response.status_code == 200, response.read()
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# -----------------------------------------------------------------------------
+# endpoints
+
+def test_health_stats_models_and_ui(url, model):
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["ready"] is True
+    stats = httpx.get(f"{url}/stats").json()
+    assert stats["model_config"]["sequence_len"] == SEQ_LEN and stats["requests_active"] == 0
+    models = httpx.get(f"{url}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == health["model"]
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>nanochat</title>" in page.text
+    missing = httpx.get(f"{url}/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_nanochat_stream_is_the_greedy_reply(url, model, tokenizer):
+    body = {"messages": QUESTION, "temperature": 0.0, "max_tokens": 12}
+    with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=30) as r:
+        events = [json.loads(e) for e in sse_events(r)]
+    assert events[-1] == {"done": True}
+    assert all(set(e) == {"token"} and e["token"] for e in events[:-1])
+    text = "".join(e["token"] for e in events[:-1])
+    assert text == greedy_reply(model, tokenizer, QUESTION, 12)[0]
+
+
+def test_openai_stream_and_non_stream_agree(url, model, tokenizer):
+    body = {"model": "anything", "messages": QUESTION, "temperature": 0, "max_tokens": 10}
+    expected, reason = greedy_reply(model, tokenizer, QUESTION, 10)
+    full = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+    assert full["object"] == "chat.completion"
+    choice = full["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": expected} and choice["finish_reason"] == reason
+    usage = full["usage"]
+    assert usage["completion_tokens"] <= 10 and usage["total_tokens"] == usage["prompt_tokens"] + usage[
+        "completion_tokens"]
+    if reason == "length":
+        assert usage["completion_tokens"] == 10
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=stream_body, timeout=30) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == expected
+    assert chunks[-2]["choices"][0]["finish_reason"] == reason
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+
+
+def test_official_openai_client(url, model, tokenizer):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    expected, _ = greedy_reply(model, tokenizer, QUESTION, 8)
+    reply = client.chat.completions.create(model="nanochat", messages=QUESTION, temperature=0, max_tokens=8)
+    assert reply.choices[0].message.content == expected
+    stream = client.chat.completions.create(model="nanochat", messages=QUESTION, temperature=0, max_tokens=8,
+                                            stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == expected
+    assert [m.id for m in client.models.list()] == [httpx.get(f"{url}/health").json()["model"]]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="nanochat", messages=QUESTION, max_tokens=SEQ_LEN)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_system_message_and_multi_turn_with_tool_markers(url, model, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2*3?"},
+                {"role": "assistant", "content": "<|python_start|>2*3<|python_end|><|output_start|>6<|output_end|>6"},
+                {"role": "user", "content": "Thanks!"}]
+    full = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 6})
+    assert full.status_code == 200
+    # the tool markers became tool tokens again, as the model produced them
+    rendered = [{"role": "user", "content": "Be brief.\n\nWhat is 2*3?"},
+                {"role": "assistant", "content": [{"type": "python", "text": "2*3"},
+                                                  {"type": "python_output", "text": "6"},
+                                                  {"type": "text", "text": "6"}]},
+                {"role": "user", "content": "Thanks!"}]
+    assert full.json()["choices"][0]["message"]["content"] == greedy_reply(model, tokenizer, rendered, 6)[0]
+
+
+def test_default_max_tokens_and_sampling_vary_by_seed(url):
+    def ask(seed):
+        body = {"messages": QUESTION, "temperature": 1.0, "seed": seed}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+
+    a, b, c = ask(1), ask(1), ask(2)
+    assert a["usage"]["completion_tokens"] <= 16  # ServeConfig(max_tokens=16)
+    assert a["choices"] == b["choices"] and a["choices"] != c["choices"]
+
+
+# -----------------------------------------------------------------------------
+# validation: always 400 with OpenAI's error shape
+
+def many(n):
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(n)]
+
+
+BAD_BODIES = [
+    ({"messages": []}, "messages", None),
+    ({"messages": many(MAX_MESSAGES + 1)}, "messages", None),
+    ({}, "messages", None),
+    ({"messages": "hello"}, "messages", None),
+    ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": "  \n"}]}, "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}]}, "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", None),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", None),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages[1].role", None),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "messages[1].role", None),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "messages[0].role", None),
+    ({"messages": many(2)}, "messages", None),  # ends with the assistant
+    ({"messages": ["hi"]}, "messages[0]", None),
+    ({"messages": QUESTION, "temperature": -0.1}, "temperature", None),
+    ({"messages": QUESTION, "temperature": 2.5}, "temperature", None),
+    ({"messages": QUESTION, "temperature": "hot"}, "temperature", None),
+    ({"messages": QUESTION, "top_k": -1}, "top_k", None),
+    ({"messages": QUESTION, "top_k": 10_000}, "top_k", None),
+    ({"messages": QUESTION, "top_k": 1.5}, "top_k", None),
+    ({"messages": QUESTION, "max_tokens": 0}, "max_tokens", None),
+    ({"messages": QUESTION, "max_tokens": SEQ_LEN + 1}, "max_tokens", None),
+    ({"messages": QUESTION, "max_tokens": True}, "max_tokens", None),
+    ({"messages": QUESTION, "max_tokens": SEQ_LEN - 3}, "messages", "context_length_exceeded"),
+    ({"messages": [{"role": "user", "content": "word " * 1500}]}, "messages", "context_length_exceeded"),
+    ({"messages": QUESTION, "n": 2}, "n", None),
+    ({"messages": QUESTION, "top_p": 0}, "top_p", None),
+    ([1, 2], None, None),
+]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+def test_bad_requests_get_400_in_openai_shape(url, path):
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for body, param, code in BAD_BODIES:
+            r = client.post(path, json=body)
+            assert r.status_code == 400, (body, r.text)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            assert error["type"] == "invalid_request_error"
+            assert (error["param"], error["code"]) == (param, code), (str(body)[:80], error)
+        for raw in (b"{not json", b"", b"\xff\xfe", b"[" * 100_000):
+            r = client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        r = client.post(path, content=b"x" * (2 << 20))
+        assert r.status_code == 400 and "larger than" in r.json()["error"]["message"]
+    bad_stream = httpx.post(f"{url}/v1/chat/completions", json={"messages": QUESTION, "stream": "yes"})
+    assert bad_stream.status_code == 400 and bad_stream.json()["error"]["param"] == "stream"
+
+
+def test_api_key(model, tokenizer):
+    with running(create_app(model, tokenizer, ServeConfig(api_key="s3cret", max_tokens=4))) as base:
+        assert httpx.get(f"{base}/health").status_code == 200  # health checks need no key
+        assert httpx.get(f"{base}/").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.get(f"{base}/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            r = httpx.post(f"{base}/chat/completions", json={"messages": QUESTION}, headers=headers)
+            assert r.status_code == 401
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        assert client.chat.completions.create(model="x", messages=QUESTION, max_tokens=4).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+
+
+# -----------------------------------------------------------------------------
+# concurrency and disconnects
+
+def test_concurrent_requests_are_serialised_and_health_stays_responsive(url, model, tokenizer):
+    expected, _ = greedy_reply(model, tokenizer, QUESTION, 16)
+    results, errors = [], []
+
+    def ask():
+        try:
+            body = {"messages": QUESTION, "temperature": 0, "max_tokens": 16}
+            results.append(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json())
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started = time.perf_counter()
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    assert time.perf_counter() - started < 2.0
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert [r["choices"][0]["message"]["content"] for r in results] == [expected] * 4
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_disconnect_while_queued_or_generating_stops_the_work(tokenizer):
+    a, b, c = tokenizer.encode("a")[0], tokenizer.encode("b")[0], tokenizer.encode("c")[0]
+    model = GPT(GPTConfig(sequence_len=4096, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1,
+                          n_kv_head=1, n_embd=32))
+    model.init_weights()  # identity blocks; then a cycle a -> b -> c -> a from any token: it never stops
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
+        model.transformer.wte.weight[:, 3] = 0.1  # every token not in the cycle looks like "c"
+        for dim, token in enumerate((a, b, c)):
+            model.transformer.wte.weight[token] = 0.0
+            model.transformer.wte.weight[token, dim] = 1.0
+        model.lm_head.weight[b, 0] = model.lm_head.weight[c, 1] = model.lm_head.weight[a, 2] = 1.0
+        model.lm_head.weight[a, 3] = 1.0
+    app = create_app(model.eval(), tokenizer, ServeConfig(max_tokens=4000))
+    worker = app.state.worker
+    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 3000}
+    with running(app) as base:
+        stats = lambda: httpx.get(f"{base}/stats").json()  # noqa: E731
+        # 1. queued: the model is busy (we hold its lock); the client leaves before its turn
+        with worker.lock:
+            with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=30) as r:
+                assert r.status_code == 200
+                wait_for(lambda: stats()["requests_queued"] == 1)
+            wait_for(lambda: stats()["requests_disconnected"] == 1)  # the server noticed
+        wait_for(lambda: stats()["requests_active"] == 0 and stats()["requests_queued"] == 0)
+        assert stats()["tokens_generated"] == 0
+        # 2. generating: the client reads a few tokens and leaves
+        with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=30) as r:
+            events = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
+            assert all("token" in next(events) for _ in range(3))
+        wait_for(lambda: stats()["requests_active"] == 0)
+        assert stats()["requests_disconnected"] == 2
+        assert 0 < stats()["tokens_generated"] < 3000
+
+
+# -----------------------------------------------------------------------------
+# the command lines (server main() and the terminal chat)
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model")
+    save_final_model(out, model, {"model_config": model.config.to_dict(), "step": 0})
+    return out
+
+
+def test_server_main_serves_a_saved_model(model_dir, tiny_tokenizer_dir, model, tokenizer):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_API_KEY": ""}
+    cmd = [sys.executable, "-m", "nanochat_core.server", "--model", str(model_dir), "--tokenizer",
+           str(tiny_tokenizer_dir), "--port", str(port), "--device-type", "cpu", "--max-tokens", "5"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.time() < deadline, "server did not come up"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        body = {"messages": QUESTION, "temperature": 0}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30).json()
+        assert reply["choices"][0]["message"]["content"] == greedy_reply(model, tokenizer, QUESTION, 5)[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_server_main_reports_a_bad_model_dir(tmp_path, tiny_tokenizer_dir):
+    with pytest.raises(SystemExit) as info:
+        server.main(["--model", str(tmp_path), "--tokenizer", str(tiny_tokenizer_dir), "--device-type", "cpu"])
+    assert "error" in str(info.value.code) and "meta.json" in str(info.value.code)
+    with pytest.raises(SystemExit) as info:  # a config value out of range is named before anything loads
+        server.main(["--model", str(tmp_path), "--tokenizer", str(tiny_tokenizer_dir), "--temperature", "9"])
+    assert "ServeConfig.temperature" in str(info.value.code)
+
+
+def test_chat_cli_one_prompt(model_dir, tiny_tokenizer_dir, model, tokenizer, capsys):
+    chat_cli.main(["--model", str(model_dir), "--tokenizer", str(tiny_tokenizer_dir), "-p", "Why is the sky blue?",
+                   "-t", "0", "-m", "10", "--device-type", "cpu"])
+    assert capsys.readouterr().out == greedy_reply(model, tokenizer, QUESTION, 10)[0] + "\n"
+
+
+def test_chat_cli_repl(model_dir, tiny_tokenizer_dir, model, tokenizer, capsys, monkeypatch):
+    lines = ["Why is the sky blue?", "And why?", "clear", "Why is the sky blue?", "quit"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    chat_cli.main(["--model", str(model_dir), "--tokenizer", str(tiny_tokenizer_dir), "-t", "0", "-m", "6",
+                   "--device-type", "cpu"])
+    out = capsys.readouterr().out
+    first, _ = greedy_reply(model, tokenizer, QUESTION, 6)
+    assert "(new conversation)" in out
+    # the same first question before and after 'clear' gets the same answer; the follow-up saw the history
+    answers = [part.split("\n")[0] for part in out.split("nanochat: ")[2:]]
+    assert len(answers) == 3 and answers[0] == answers[2] == first.split("\n")[0]
