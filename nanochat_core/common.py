@@ -7,8 +7,10 @@ Structured progress: a training/eval process prints lines `NANOCHAT_PROGRESS {js
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -43,9 +45,25 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
+def die_with_torchrun() -> None:
+    """Under torchrun, let the kernel SIGKILL this worker when the torchrun agent dies.
+
+    torchrun starts every worker in its own session, so a launcher that kills torchrun's process group
+    (SIGKILL after a grace period, or `kill -9`) would otherwise leave the workers training on as orphans.
+    SIGTERM is unaffected: torchrun passes it on and waits, and we checkpoint (see Preemption)."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the agent died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed(device_type: str = "") -> DistInfo:
     """Initialise torch.distributed when launched by torchrun (nccl on CUDA, gloo otherwise)."""
     device_type = device_type or autodetect_device_type()
+    die_with_torchrun()
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))

@@ -1,7 +1,7 @@
 """Midtraining: continue training the base model on conversations (chat format, tool use, multiple choice).
 
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.train.mid --base DIR --tokenizer DIR --out DIR
-    python -m nanochat_core.train.mid --base DIR --tokenizer DIR --out DIR --num-iterations 80 --max-seq-len 256 \
+    python -m nanochat_core.train.mid --base DIR --tokenizer DIR --out DIR --num-iterations 80 --max-seq-len 256 \\
         --device-batch-size 16 --total-batch-size 4096 --max-examples 4000
 
 Data: nanochat_core.tasks.mixture("mid"), rendered with the chat template. As upstream, midtraining trains
@@ -62,7 +62,7 @@ class MidTrainConfig:
     init_lr_frac: float = 1.0  # LRs start at this fraction of the values above
     weight_decay: float = 0.0
     eval_every: int = 150  # <= 0: only at the end
-    eval_tokens: int = 20 * 524288
+    eval_steps: int = 20  # validation batches per rank (20 x 32 x 2048 x 8 ranks = upstream's 20 * 524288 tokens)
     save_every: int = -1  # <= 0: only at the end
     max_examples: int = -1  # > 0: use only this many conversations of the mixture (quick runs)
     seed: int = 42
@@ -71,7 +71,7 @@ class MidTrainConfig:
     compile: bool = True  # torch.compile the model (CUDA only)
 
     def validate(self) -> None:
-        for name in ("max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens"):
+        for name in ("max_seq_len", "device_batch_size", "total_batch_size", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MidTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.init_lr_frac <= 1.0:
@@ -144,9 +144,8 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
         raise ConfigError(f"rank {d.rank} got no midtraining conversations ({len(conversations)} in the mixture)")
     num_iterations = (config.num_iterations if config.num_iterations > 0
                       else one_pass_steps(len(train_tokens), (B * T + 1) * grad_accum, d))
-    eval_steps = max(1, config.eval_tokens // (B * T * d.world_size))
     val_conversations = tasks.mixture("mid", seed=config.seed, split="val")[d.rank::d.world_size]
-    val_tokens = render_stream(tokenizer, val_conversations, max_tokens=eval_steps * (B * T + 1))
+    val_tokens = render_stream(tokenizer, val_conversations, max_tokens=config.eval_steps * (B * T + 1))
     optimizers = model.setup_optimizers(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
                                         matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
     remember_initial_lrs(optimizers, config.init_lr_frac)
@@ -178,7 +177,7 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
             if last or (config.eval_every > 0 and step % config.eval_every == 0):
                 fwd.eval()
                 with autocast:
-                    result = evaluate(fwd, PackedStream(val_tokens, B, T, d.device), eval_steps, token_bytes)
+                    result = evaluate(fwd, PackedStream(val_tokens, B, T, d.device), config.eval_steps, token_bytes)
                 fwd.train()
                 loop["val_loss"], loop["val_bpb"] = result["loss"], result["bpb"]
                 print0(f"step {step}/{num_iterations}: val loss {result['loss']:.4f}, val bpb {result['bpb']:.4f}")

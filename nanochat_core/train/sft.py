@@ -1,68 +1,221 @@
-"""Supervised fine-tuning on conversations: loss on assistant tokens only.
+"""Supervised fine-tuning on conversations: the loss covers the assistant's tokens only.
 
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.train.sft --mid DIR --tokenizer DIR --out DIR
+    python -m nanochat_core.train.sft --mid DIR --tokenizer DIR --out DIR --num-iterations 60 \\
+        --device-batch-size 8 --max-seq-len 256 --max-examples 2000
 
-The "sft" mixture (ARC-Easy/Challenge train, GSM8K train, conversations), one conversation per row, padded;
-`examples_per_step` conversations per optimizer step over all ranks; LR decays linearly to 0 over
-`num_iterations` optimizer steps (not micro-batches, upstream PR #775). Resumes from --out's newest checkpoint.
-Writes model.pt + meta.json and, last, metrics.json {"val_loss", "steps", ...}.
+Data: nanochat_core.tasks.mixture("sft") (ARC-Easy/Challenge train, GSM8K train, conversations); rank r takes
+conversations r, r+W, ... One conversation per row (cropped to T+1 tokens), padded to the longest row of
+the micro-batch; targets are -1 where the mask is 0 (prompt, tool output) and on padding. A step sees
+`examples_per_step` conversations over all ranks; its loss is the mean over the step's supervised tokens,
+so a micro-batch without any (all masked) adds nothing instead of NaN (upstream #590). LR = 1 - it/N with N
+counting optimizer steps, not micro-batches (upstream PR #775). Checkpoints and resume as in base training.
+Writes model.pt + meta.json and, last, metrics.json {"val_loss", "val_bpb", "steps", "examples", ...}.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat_core.common import DistInfo
-from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
-from nanochat_core.train.chat import train_chat
-from nanochat_core.train.common import check_device_type, run_cli, sft_lr_multiplier
+import torch
+
+from nanochat_core import tasks
+from nanochat_core.checkpoint import save_final_model
+from nanochat_core.common import cleanup_distributed, emit_progress, init_distributed, print0
+from nanochat_core.config import ConfigError, add_config_arguments, config_from_args, config_to_dict
+from nanochat_core.loss_eval import evaluate
+from nanochat_core.tokenizer import Tokenizer
+from nanochat_core.train.common import (
+    Preemption,
+    Session,
+    autocast_context,
+    check_device_type,
+    load_upstream_model,
+    remember_initial_lrs,
+    run_cli,
+    seed_everything,
+    setup_lrs,
+    sft_lr_multiplier,
+)
 
 
 @dataclass(frozen=True)
 class SFTConfig:
-    num_iterations: int = 700
-    max_seq_len: int = 2048
+    num_iterations: int = -1  # optimizer steps; <= 0: one pass over the mixture
+    max_seq_len: int = 2048  # conversations are cropped to this (and to the model's sequence length)
     device_batch_size: int = 4  # conversations per forward pass per rank
     examples_per_step: int = 32  # conversations per optimizer step, all ranks
-    max_examples: int = -1
+    max_examples: int = -1  # > 0: use only this many conversations of the mixture (quick runs)
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     matrix_lr: float = 0.02
     weight_decay: float = 0.0
     init_lr_frac: float = 0.02
-    eval_every: int = 100
-    eval_steps: int = 8
-    save_every: int = -1
+    eval_every: int = 100  # <= 0: only at the end
+    eval_steps: int = 100  # validation micro-batches per rank
+    save_every: int = -1  # <= 0: only at the end
     keep_checkpoints: int = 2
     seed: int = 42
     device_type: str = ""
 
     def validate(self) -> None:
-        for name in ("num_iterations", "max_seq_len", "device_batch_size", "examples_per_step", "eval_steps"):
+        for name in ("max_seq_len", "device_batch_size", "examples_per_step", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.init_lr_frac <= 1:
             raise ConfigError(f"SFTConfig.init_lr_frac must be in (0, 1], got {self.init_lr_frac}")
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}")
         check_device_type("SFTConfig", self.device_type)
+
+    def grad_accum(self, world_size: int) -> int:
+        per_pass = self.device_batch_size * world_size
+        if self.examples_per_step % per_pass:
+            raise ConfigError(f"SFTConfig.examples_per_step={self.examples_per_step} must be a multiple of "
+                              f"device_batch_size * world_size = {self.device_batch_size} * {world_size}")
+        return self.examples_per_step // per_pass
+
+
+class ConversationBatches:
+    """Endless (x, y) micro-batches, one rendered conversation per row; state = (epoch, cursor)."""
+
+    def __init__(self, rendered: list[tuple[list[int], list[int]]], B: int, pad_id: int, device: torch.device,
+                 state: dict | None = None):
+        if not rendered:
+            raise ConfigError("no conversations for this rank: use more data (max_examples) or fewer ranks")
+        self.rendered, self.B, self.pad_id, self.device = rendered, B, pad_id, device
+        self.epoch, self.cursor = (state["epoch"], state["cursor"]) if state else (0, 0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def _take(self) -> tuple[list[int], list[int]]:
+        item = self.rendered[self.cursor]
+        self.cursor += 1
+        if self.cursor == len(self.rendered):
+            self.epoch, self.cursor = self.epoch + 1, 0
+        return item
+
+    def __iter__(self) -> ConversationBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self._take() for _ in range(self.B)]
+        width = max(len(ids) for ids, _ in rows) - 1
+        x = torch.full((self.B, width), self.pad_id, dtype=torch.long)
+        y = torch.full((self.B, width), -1, dtype=torch.long)
+        for i, (ids, mask) in enumerate(rows):
+            n = len(ids) - 1
+            x[i, :n] = torch.tensor(ids[:-1])
+            y[i, :n] = torch.where(torch.tensor(mask[1:]) == 1, torch.tensor(ids[1:]), -1)
+        return x.to(self.device), y.to(self.device)
+
+
+def render(tokenizer: Tokenizer, conversations: list[dict], max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) per conversation; conversations of a single token (nothing to predict) are dropped."""
+    rendered = [tokenizer.render_conversation(c, max_tokens=max_tokens) for c in conversations]
+    return [r for r in rendered if len(r[0]) >= 2]
 
 
 def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
-    def accum(d: DistInfo) -> int:
-        per_pass = config.device_batch_size * d.world_size
-        if config.examples_per_step % per_pass:
-            raise ConfigError(f"SFTConfig.examples_per_step={config.examples_per_step} must be a multiple of "
-                              f"device_batch_size * world_size = {per_pass}")
-        return config.examples_per_step // per_pass
+    """Fine-tune the model in mid_dir (or resume) into out_dir; returns the metrics written to metrics.json."""
+    config.validate()
+    out_dir = Path(out_dir)
+    d = init_distributed(config.device_type)
+    seed_everything(config.seed)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    token_bytes = tokenizer.token_bytes().to(d.device)
+    model, mid_meta = load_upstream_model(mid_dir, tokenizer.get_vocab_size(), d.device)
+    T = min(config.max_seq_len, model.config.sequence_len)
+    B, grad_accum = config.device_batch_size, config.grad_accum(d.world_size)
+    limit = config.max_examples if config.max_examples > 0 else None
+    conversations = tasks.mixture("sft", seed=config.seed, limit=limit)
+    train_rows = render(tokenizer, conversations[d.rank::d.world_size], T + 1)
+    val_conversations = tasks.mixture("sft", seed=config.seed, split="val")[d.rank::d.world_size]
+    val_rows = render(tokenizer, val_conversations[: config.eval_steps * B], T + 1)
+    num_iterations = config.num_iterations if config.num_iterations > 0 else max(
+        1, len(conversations) // config.examples_per_step)
+    optimizers = model.setup_optimizers(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
+                                        matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
+    remember_initial_lrs(optimizers, config.init_lr_frac)
+    print0(f"sft: {len(conversations):,} conversations, {num_iterations} steps of {config.examples_per_step}, "
+           f"grad_accum {grad_accum}, seq len {T}, world {d.world_size}")
 
-    return train_chat("sft", config, "sft", mid_dir, tokenizer_dir, out_dir, packed=False,
-                      grad_accum_fn=accum, lr_fn=sft_lr_multiplier)
+    session = Session(out_dir, "sft", d, model, optimizers, keep=config.keep_checkpoints)
+    cfg = config_to_dict(config)
+    resumed = session.resume(cfg)
+    start = resumed.step if resumed else 0
+    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_loss": None, "val_bpb": None}
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    batches = ConversationBatches(train_rows, B, pad_id, d.device, resumed.loader_state if resumed else None)
+    autocast = autocast_context(d.device)
+
+    def meta() -> dict:
+        return {"stage": "sft", "model_config": mid_meta["model_config"], "config": cfg, "loop_state": loop,
+                "num_iterations": num_iterations}
+
+    def save(step: int) -> Path:
+        return session.save(step, meta(), batches.state_dict())
+
+    with Preemption() as preempt:
+        for step in range(start, num_iterations + 1):
+            session.stop_if_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - called right away
+            last = step == num_iterations
+            if last or (config.eval_every > 0 and step % config.eval_every == 0):
+                model.eval()
+                with autocast:
+                    result = evaluate(model, ConversationBatches(val_rows, B, pad_id, d.device), config.eval_steps,
+                                      token_bytes)
+                model.train()
+                loop["val_loss"], loop["val_bpb"] = result["loss"], result["bpb"]
+                print0(f"step {step}/{num_iterations}: val loss {result['loss']:.4f}")
+            if step > start and (last or (config.save_every > 0 and step % config.save_every == 0)):
+                save(step)
+            if last:
+                break
+            t0 = time.time()
+            micro = [next(batches) for _ in range(grad_accum)]
+            n_targets = sum(int((y >= 0).sum()) for _, y in micro)
+            loss_sum = torch.zeros((), device=d.device)
+            for x, y in micro:
+                with autocast:
+                    loss = model(x, y, loss_reduction="none").sum()
+                (loss / max(1, n_targets)).backward()  # mean over the step's supervised tokens; never NaN
+                loss_sum += loss.detach()
+            lrm = sft_lr_multiplier(step, num_iterations)
+            setup_lrs(optimizers, lrm)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            loss_value = loss_sum.item() / max(1, n_targets)
+            dt = time.time() - t0
+            loop["train_seconds"] += dt
+            tokens = sum(x.numel() for x, _ in micro) * d.world_size
+            emit_progress(step + 1, num_iterations, loss=round(loss_value, 5), lr=round(lrm, 5),
+                          tok_per_s=round(tokens / dt), dt=round(dt, 4))
+
+    metrics = {
+        "val_loss": loop["val_loss"],
+        "val_bpb": loop["val_bpb"],
+        "steps": num_iterations,
+        "examples": num_iterations * config.examples_per_step,
+        "train_seconds": round(loop["train_seconds"], 3),
+        "resumed_from_step": start,
+    }
+    if d.is_master:
+        save_final_model(out_dir, model, {**meta(), "step": num_iterations, "val_loss": loop["val_loss"]})
+    session.write_metrics(metrics)
+    cleanup_distributed()
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mid", required=True, help="midtrained model directory")
+    parser.add_argument("--mid", required=True, help="the mid stage's output directory (model.pt + meta.json)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
     parser.add_argument("--out", required=True, help="output directory (resumes from its checkpoints)")
     add_config_arguments(parser, SFTConfig)

@@ -1,0 +1,295 @@
+"""What the base, mid and SFT training loops share: schedules, gradient accumulation, autocast, preemption,
+checkpoint/resume and the CLI wrapper.
+
+Preemption: SIGTERM (Prefect cancellation, a spot instance going away, torchrun passing on a signal) only sets
+a flag. At each step boundary the ranks agree on it (all_reduce MAX, so they all stop at the same step), save
+a checkpoint and leave `train()` with `Preempted`; the CLI then exits with code 143 (128 + SIGTERM). We do
+not exit 0: the process did not finish its stage, and a launcher that treats exit 0 as "done" (the stage
+runner writes MANIFEST.json after exit 0) must not commit a half-trained artifact. Rerunning with the same
+--out resumes from that checkpoint.
+
+Exact resume: a checkpoint holds the weights, every rank's optimizer shard, data loader position and RNG
+states, and the loop state; LR and momentum are functions of the step, so a resumed run replays the same
+updates on the same data as an uninterrupted one (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import signal
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanochat_core.artifacts import atomic_write_bytes
+from nanochat_core.checkpoint import (
+    CheckpointError,
+    checkpoint_meta,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    load_rank_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from nanochat_core.common import DistInfo, cleanup_distributed, emit_checkpoint, print0
+from nanochat_core.config import ConfigError
+from nanochat_core.data.sources import DataError
+from nanochat_core.gpt import GPT, GPTConfig
+from nanochat_core.tokenizer import TokenizerError
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped by a signal, checkpoint saved, not finished"
+DEVICE_TYPES = ("", "cpu", "cuda", "mps")
+
+
+class Preempted(Exception):  # noqa: N818 - a signal, not an error
+    """Training stopped at a step boundary after SIGTERM; a checkpoint of that step was saved (if any)."""
+
+    def __init__(self, step: int, path: Path | None):
+        super().__init__(f"preempted at step {step}; checkpoint: {path or 'none (nothing trained yet)'}")
+        self.step, self.path = step, path
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules
+
+def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2,
+                  final_lr_frac: float = 0.0) -> float:
+    """Base training: linear warmup, flat, then linear warmdown to final_lr_frac (upstream SEED)."""
+    warmup, warmdown = round(warmup_ratio * num_iterations), round(warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def mid_lr_multiplier(it: int, num_iterations: int) -> float:
+    """Midtraining: flat until 80% of the run, then linear to 0."""
+    progress = it / num_iterations
+    return 1.0 if progress < 0.8 else 1.0 - (progress - 0.8) / 0.2
+
+
+def sft_lr_multiplier(it: int, num_iterations: int) -> float:
+    """SFT: linear decay 1 -> 0 over the optimizer steps (never negative: it < num_iterations)."""
+    return 1.0 - it / num_iterations
+
+
+def muon_momentum(it: int) -> float:
+    """Muon momentum ramps 0.85 -> 0.95 over the first 300 steps."""
+    frac = min(it / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def remember_initial_lrs(optimizers: list[torch.optim.Optimizer], init_lr_frac: float = 1.0) -> None:
+    """Scale every group's LR by init_lr_frac and keep it as the group's `initial_lr` (what lrm multiplies)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["lr"] * init_lr_frac
+            group["initial_lr"] = group["lr"]
+
+
+def setup_lrs(optimizers: list[torch.optim.Optimizer], lrm: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+
+
+def set_muon_momentum(optimizers: list[torch.optim.Optimizer], momentum: float) -> None:
+    """Muon's groups are the ones with a "momentum" entry (AdamW groups have "betas")."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if "momentum" in group:
+                group["momentum"] = momentum
+
+
+# ---------------------------------------------------------------------------------------------
+# batch math, devices, seeds
+
+def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
+    """Micro-batches per optimizer step so that one step sees exactly total_batch_size tokens."""
+    per_pass = device_batch_size * seq_len * world_size
+    if total_batch_size < per_pass or total_batch_size % per_pass:
+        raise ConfigError(
+            f"total_batch_size={total_batch_size} must be a positive multiple of device_batch_size * max_seq_len * "
+            f"world_size = {device_batch_size} * {seq_len} * {world_size} = {per_pass}")
+    return total_batch_size // per_pass
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA; nothing (fp32) on CPU/MPS."""
+    if device.type == "cuda":
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed on every rank: ranks must initialise identical weights (there is no DDP broadcast)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_model(model_config: GPTConfig, device: torch.device) -> GPT:
+    """A freshly initialised GPT on `device` (built on the meta device, so weights are initialised once)."""
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def load_upstream_model(model_dir: str | Path, vocab_size: int, device: torch.device, max_seq_len: int | None = None,
+                        cls_name: str = "") -> tuple[GPT, dict]:
+    """The previous stage's model, checked against this stage's tokenizer (and sequence length, if given)."""
+    model, meta = load_model(model_dir, device, phase="train")
+    mc = model.config
+    if mc.vocab_size != vocab_size:
+        raise ConfigError(f"the model in {model_dir} has a vocabulary of {mc.vocab_size} tokens but the tokenizer "
+                          f"has {vocab_size}: use the tokenizer the model was trained with")
+    if max_seq_len is not None and max_seq_len > mc.sequence_len:
+        raise ConfigError(f"{cls_name}.max_seq_len={max_seq_len} exceeds the sequence length the model in "
+                          f"{model_dir} was trained with ({mc.sequence_len})")
+    return model, meta
+
+
+def maybe_compile(model: torch.nn.Module, device: torch.device, enabled: bool) -> torch.nn.Module:
+    """torch.compile on CUDA (fixed shapes); eager elsewhere. Checkpoints always use the uncompiled model."""
+    return torch.compile(model, dynamic=False) if enabled and device.type == "cuda" else model
+
+
+def check_device_type(cls_name: str, device_type: str) -> None:
+    if device_type not in DEVICE_TYPES:
+        raise ConfigError(f"{cls_name}.device_type must be one of {DEVICE_TYPES}, got {device_type!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# preemption
+
+class Preemption:
+    """Context manager: while active, SIGTERM sets a flag instead of killing the process."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._previous: Any = None
+
+    def _handler(self, signum, frame) -> None:
+        if not self.flag:
+            print(f"received signal {signum}: stopping at the next step boundary", file=sys.stderr, flush=True)
+        self.flag = True
+
+    def __enter__(self) -> Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread (e.g. called from a worker thread): keep the default
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def requested(self, dist_info: DistInfo) -> bool:
+        """Whether any rank got SIGTERM (collective: every rank calls it at the same step)."""
+        if not dist_info.is_distributed:
+            return self.flag
+        flag = torch.tensor([int(self.flag)], device=dist_info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint / resume
+
+@dataclass
+class Resumed:
+    step: int
+    path: Path
+    meta: dict
+    loader_state: dict | None
+    rank_state: dict = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    """One training run's output dir, model, optimizers and distributed info: saves and resumes checkpoints."""
+
+    out_dir: Path
+    stage: str
+    dist_info: DistInfo
+    model: torch.nn.Module  # uncompiled
+    optimizers: list[torch.optim.Optimizer]
+    keep: int = 2
+
+    def resume(self, config: dict) -> Resumed | None:
+        """Load the newest complete checkpoint in out_dir (weights, optimizer shard, RNG), if there is one."""
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is None:
+            return None
+        d = self.dist_info
+        meta = checkpoint_meta(ckpt)
+        if meta.get("world_size") != d.world_size:
+            raise CheckpointError(f"{ckpt} was written by {meta.get('world_size')} rank(s) but this run has "
+                                  f"{d.world_size}: resume with the same number of processes, or use a new --out")
+        model_state, optim_states, meta, loader_state = load_checkpoint(ckpt, d.device, rank=d.rank)
+        try:
+            self.model.load_state_dict(model_state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{ckpt / 'model.pt'} does not fit this run's model: {e}") from e
+        if len(optim_states) != len(self.optimizers):
+            raise CheckpointError(f"{ckpt} holds {len(optim_states)} optimizer states, expected {len(self.optimizers)}")
+        for opt, state in zip(self.optimizers, optim_states, strict=True):
+            opt.load_state_dict(state)
+        rank_state = load_rank_state(ckpt, d.rank)
+        restore_rng_state(rank_state.pop("rng"), d.device)
+        changed = sorted(k for k in config if meta.get("config", {}).get(k) != config[k])
+        if changed:
+            print0(f"warning: resuming {ckpt} with a changed config ({', '.join(changed)}): not an exact resume")
+        print0(f"resuming from {ckpt} (step {meta['step']})")
+        return Resumed(meta["step"], ckpt, meta, loader_state, rank_state)
+
+    def save(self, step: int, meta: dict, loader_state: dict | None, rank_state: dict | None = None) -> Path:
+        """Commit a checkpoint (collective) and announce it on stdout."""
+        path = save_checkpoint(self.out_dir, step, self.model, self.optimizers, meta, self.dist_info,
+                               loader_state, rank_state, keep=self.keep)
+        emit_checkpoint(str(path), step, self.stage)
+        return path
+
+    def stop_if_preempted(self, preempt: Preemption, step: int, start: int, save: Callable[[], Path]) -> None:
+        """At a step boundary: if any rank got SIGTERM, save (unless this state is already on disk) and raise."""
+        if not preempt.requested(self.dist_info):
+            return
+        path = save() if step > start else latest_checkpoint(self.out_dir)
+        cleanup_distributed()
+        raise Preempted(step, path)
+
+    def write_metrics(self, metrics: dict) -> None:
+        """metrics.json, rank 0, written atomically (the last file a stage writes); inf/nan become null."""
+        if self.dist_info.is_master:
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+            atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(clean, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[argparse.Namespace], dict]) -> None:
+    """Parse argv, call run(args); bad input exits 2 with a one-line error, preemption exits 143."""
+    args = parser.parse_args(argv)
+    try:
+        metrics = run(args)
+    except Preempted as e:
+        print0(f"{e}; rerun with the same --out to resume")
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (ConfigError, DataError, CheckpointError, TokenizerError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print0(json.dumps(metrics))

@@ -1,0 +1,88 @@
+"""Our rustbpe against the upstream PyPI `rustbpe` wheel: byte-identical ranks on the shared pretraining text.
+
+The wheel has the same import name as ours, so it lives in its own directory (`make install` puts it in
+.venv/upstream-rustbpe; NANOCHAT_UPSTREAM_RUSTBPE overrides) and runs in a subprocess with that directory
+first on sys.path. Both train on the tokenizer stage's documents (all train shards, each cropped to the
+stage's doc_cap, at most max_chars) with the same split pattern.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import rustbpe
+from nanochat_core.tokenizer import SPLIT_PATTERN, TokenizerConfig, find_shards, training_texts
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM = Path(os.environ.get("NANOCHAT_UPSTREAM_RUSTBPE", REPO / ".venv" / "upstream-rustbpe")).resolve()
+CASES = [(4096, "nanochat"), (32768, "nanochat"), (4096, "gpt4")]  # (vocab_size, split pattern)
+
+# Runs in the subprocess: train upstream for every case, print {case: [token bytes as latin-1 str]}.
+UPSTREAM_WORKER = textwrap.dedent("""
+    import json, sys
+    import rustbpe
+    from nanochat_core.tokenizer import SPLIT_PATTERN, TokenizerConfig, find_shards, training_texts
+
+    corpus, cases = sys.argv[1], json.loads(sys.argv[2])
+    config = TokenizerConfig()
+    texts = list(training_texts(find_shards(corpus)[:-1], config.max_chars, config.doc_cap, {}))
+    out = {"file": rustbpe.__file__, "ranks": {}}
+    for vocab_size, pattern in cases:
+        tok = rustbpe.Tokenizer()
+        # upstream's default pattern is GPT-4's: "gpt4" leaves it out, so the default is checked too
+        kwargs = {"pattern": SPLIT_PATTERN} if pattern == "nanochat" else {}
+        tok.train_from_iterator(iter(texts), vocab_size, **kwargs)
+        ranks = tok.get_mergeable_ranks()
+        assert [rank for _, rank in ranks] == list(range(len(ranks)))
+        out["ranks"][f"{vocab_size}-{pattern}"] = [bytes(token).decode("latin-1") for token, _ in ranks]
+        out["pattern-" + pattern] = tok.get_pattern()
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data) -> Path:
+    return shared_data / "pretrain"
+
+
+@pytest.fixture(scope="module")
+def upstream(corpus) -> dict:
+    if not (UPSTREAM / "rustbpe").is_dir():
+        pytest.fail(f"the upstream rustbpe wheel is not installed in {UPSTREAM}: run `make install` "
+                    f"(or `uv pip install --target {UPSTREAM} rustbpe`)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(UPSTREAM), str(REPO)]), "RAYON_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", UPSTREAM_WORKER, str(corpus), json.dumps(CASES)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    # the subprocess must really have run the wheel, not our extension
+    assert Path(out["file"]).resolve().is_relative_to(UPSTREAM), out["file"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def texts(corpus) -> list[str]:
+    config = TokenizerConfig()
+    return list(training_texts(find_shards(corpus)[:-1], config.max_chars, config.doc_cap, {}))
+
+
+def test_upstream_patterns_are_ours(upstream):
+    assert upstream["pattern-nanochat"] == SPLIT_PATTERN
+    assert upstream["pattern-gpt4"] == rustbpe.GPT4_PATTERN
+
+
+@pytest.mark.parametrize("vocab_size,pattern", CASES)
+def test_ranks_identical_to_upstream(upstream, texts, vocab_size, pattern):
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(iter(texts), vocab_size,
+                            pattern=SPLIT_PATTERN if pattern == "nanochat" else rustbpe.GPT4_PATTERN)
+    ours = [token for token, _ in tok.get_mergeable_ranks()]
+    theirs = [token.encode("latin-1") for token in upstream["ranks"][f"{vocab_size}-{pattern}"]]
+    assert len(ours) == len(theirs) == vocab_size  # the text has enough pairs for every merge
+    first_difference = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
+    assert first_difference is None, (first_difference, ours[first_difference], theirs[first_difference])

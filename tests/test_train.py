@@ -1,0 +1,278 @@
+"""Training stages end to end on tiny models: base under torchrun (1 and 2 ranks), exact resume after SIGKILL
+and after SIGTERM, mid and SFT, plus the schedule/batch math and bits per byte."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat_core.checkpoint import latest_checkpoint, load_model
+from nanochat_core.config import ConfigError
+from nanochat_core.gpt import GPT, config_for_depth
+from nanochat_core.loss_eval import evaluate_bpb, unigram_bpb
+from nanochat_core.train import base, mid, sft
+from nanochat_core.train.common import (
+    PREEMPTED_EXIT_CODE,
+    grad_accum_steps,
+    lr_multiplier,
+    mid_lr_multiplier,
+    muon_momentum,
+    sft_lr_multiplier,
+)
+
+TINY_BASE = {"depth": 2, "max_seq_len": 64, "device_batch_size": 4, "total_batch_size": 512,
+             "num_iterations": 30, "eval_every": 15, "eval_tokens": 1024, "save_every": 5, "device_type": "cpu"}
+
+
+def flags(values: dict) -> list[str]:
+    """CLI flags for config values (strings as they are, everything else as JSON)."""
+    out = []
+    for k, v in values.items():
+        out += [f"--{k.replace('_', '-')}", v if isinstance(v, str) else json.dumps(v)]
+    return out
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def base_command(shards, tokenizer, out, nproc: int | None = 1, **overrides) -> list[str]:
+    args = ["--shards", str(shards), "--tokenizer", str(tokenizer), "--out", str(out),
+            *flags({**TINY_BASE, **overrides})]
+    if nproc is None:  # plain python, world size 1
+        return [sys.executable, "-m", "nanochat_core.train.base", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "nanochat_core.train.base", *args]
+
+
+def run_ok(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def interrupt_after_first_checkpoint(cmd: list[str], sig: int) -> tuple[int, str]:
+    """Start cmd in its own process group, send `sig` to the group once a checkpoint is announced."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("NANOCHAT_CHECKPOINT"):
+                os.killpg(proc.pid, sig)
+                break
+        lines += proc.stdout.readlines()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return code, "".join(lines)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = (torch.load(p / "model.pt", weights_only=True) for p in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def shards_dir(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    for i, name in enumerate(["shard_00000.parquet", "shard_00001.parquet", "shard_00011.parquet"]):
+        (out / f"shard_{i:05d}.parquet").symlink_to(shared_data / "pretrain" / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_ref(shards_dir, tiny_tokenizer_dir, tmp_path_factory):
+    """An uninterrupted base run under torchrun (1 process): the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("base_ref")
+    run_ok(base_command(shards_dir, tiny_tokenizer_dir, out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# math
+
+def test_schedules():
+    assert [lr_multiplier(i, 10, warmup_ratio=0.2) for i in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_multiplier(8, 10) == 1.0 and lr_multiplier(9, 10) == 0.5 and lr_multiplier(10, 10) == 0.0
+    assert lr_multiplier(10, 10, final_lr_frac=0.1) == pytest.approx(0.1)
+    assert mid_lr_multiplier(7, 10) == 1.0 and mid_lr_multiplier(9, 10) == pytest.approx(0.5)
+    assert [sft_lr_multiplier(i, 4) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert muon_momentum(0) == 0.85 and muon_momentum(150) == pytest.approx(0.90) and muon_momentum(900) == 0.95
+
+
+def test_grad_accum_is_exact_or_a_clear_error():
+    assert grad_accum_steps(524288, 32, 2048, 8) == 1
+    assert grad_accum_steps(524288, 32, 2048, 1) == 8
+    with pytest.raises(ConfigError, match=r"4 \* 64 \* 3 = 768"):
+        grad_accum_steps(1024, 4, 64, 3)
+    with pytest.raises(ConfigError, match="num_iterations"):
+        base.BaseTrainConfig(num_iterations=-1, target_param_data_ratio=0).validate()
+    with pytest.raises(ConfigError, match="device_type"):
+        mid.MidTrainConfig(device_type="tpu").validate()
+    with pytest.raises(ConfigError, match="examples_per_step=10"):
+        sft.SFTConfig(device_batch_size=4, examples_per_step=10).grad_accum(1)
+
+
+def test_bits_per_byte_of_a_uniform_model_and_unigram():
+    """A fresh GPT has a zero lm_head: uniform logits, so its bpb is ln(V) per scored token / ln 2 / bytes,
+    and so is an add-one unigram model that has seen no training tokens."""
+    V = 64
+    torch.manual_seed(0)
+    model = GPT(config_for_depth(1, V, 8))
+    model.init_weights()
+    token_bytes = torch.randint(0, 4, (V,), dtype=torch.int32)
+    x = torch.randint(0, V, (2, 3, 8))
+    y = torch.randint(-1, V, (2, 3, 8))  # includes ignored targets
+    nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
+    expected = (nb > 0).sum().item() * math.log(V) / (math.log(2) * nb.sum().item())
+    assert evaluate_bpb(model, list(zip(x, y, strict=True)), 2, token_bytes) == pytest.approx(expected, rel=1e-5)
+    assert unigram_bpb(torch.zeros(V), y, token_bytes) == pytest.approx(expected, rel=1e-9)
+    counts = torch.zeros(V)
+    counts[y[y >= 0]] += 1000  # a unigram that has seen these tokens does better
+    assert unigram_bpb(counts, y, token_bytes) < expected
+
+
+# ---------------------------------------------------------------------------------------------
+# base training
+
+def test_base_under_torchrun_learns_and_writes_its_files(base_ref):
+    metrics = json.loads((base_ref / "metrics.json").read_text())
+    assert set(metrics) == {"val_bpb", "unigram_bpb", "steps", "tokens", "params", "train_seconds", "tok_per_s",
+                            "resumed_from_step"}
+    assert metrics["steps"] == 30 and metrics["tokens"] == 30 * 512 and metrics["resumed_from_step"] == 0
+    assert metrics["val_bpb"] < metrics["unigram_bpb"]  # the model learned more than token frequencies
+    model, meta = load_model(base_ref, "cpu")
+    assert model.num_params() == metrics["params"] and meta["model_config"]["n_layer"] == 2
+    steps = sorted(p.name for p in (base_ref / "checkpoints").iterdir())
+    assert steps == ["step_000025", "step_000030"]  # keep_checkpoints=2
+
+
+def test_sigkill_then_sigterm_then_rerun_ends_bitwise_equal(base_ref, shards_dir, tiny_tokenizer_dir, tmp_path):
+    """Run 1 (torchrun) is SIGKILLed after its first checkpoint; run 2 (plain python) resumes and gets SIGTERM
+    after its first checkpoint: it saves and exits 143; run 3 finishes. The weights equal base_ref's."""
+    cmd = base_command(shards_dir, tiny_tokenizer_dir, tmp_path)
+    code, out = interrupt_after_first_checkpoint(cmd, signal.SIGKILL)
+    killed_at = latest_checkpoint(tmp_path)
+    assert code != 0 and killed_at is not None and not (tmp_path / "metrics.json").exists(), out[-2000:]
+
+    code, out = interrupt_after_first_checkpoint(base_command(shards_dir, tiny_tokenizer_dir, tmp_path, nproc=None),
+                                                 signal.SIGTERM)
+    assert code == PREEMPTED_EXIT_CODE, out[-2000:]
+    assert f"resuming from {killed_at}" in out
+    stopped = latest_checkpoint(tmp_path)
+    assert stopped != killed_at and f"preempted at step {int(stopped.name.split('_')[1])}" in out
+    assert "Traceback" not in out and not (tmp_path / "metrics.json").exists()
+
+    run_ok(cmd)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == int(stopped.name.split("_")[1]) and metrics["steps"] == 30
+    assert same_weights(tmp_path, base_ref)
+
+
+def test_two_ranks_under_torchrun_write_every_shard(shards_dir, tiny_tokenizer_dir, tmp_path):
+    run_ok(base_command(shards_dir, tiny_tokenizer_dir, tmp_path, nproc=2, num_iterations=4, save_every=2,
+                        eval_every=-1))
+    ckpt = latest_checkpoint(tmp_path)
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"optim_rank0.pt", "optim_rank1.pt", "loader_rank1.json", "state_rank1.pt", "COMPLETE"} <= files
+    assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_two_ranks_sigterm_then_resume_is_bitwise(shards_dir, tiny_tokenizer_dir, tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    overrides = {"num_iterations": 12, "save_every": 4, "eval_every": 6}
+    run_ok(base_command(shards_dir, tiny_tokenizer_dir, ref, nproc=2, **overrides))
+    cmd = base_command(shards_dir, tiny_tokenizer_dir, out, nproc=2, **overrides)
+    code, log = interrupt_after_first_checkpoint(cmd, signal.SIGTERM)
+    assert code != 0 and latest_checkpoint(out) is not None, log[-2000:]
+    run_ok(cmd)
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] > 0
+    assert same_weights(out, ref)
+
+
+def test_bad_input_exits_2_with_a_one_line_error(shards_dir, tiny_tokenizer_dir, tmp_path, capsys):
+    cases = [
+        (["--shards", str(tmp_path / "missing")], "does not exist"),
+        (["--shards", str(shards_dir), "--total-batch-size", "1000"], "total_batch_size=1000"),
+        (["--shards", str(shards_dir), "--depth", "zero"], "BaseTrainConfig.depth"),
+    ]
+    for extra, message in cases:
+        argv = ["--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "out"), *extra,
+                "--device-type", "cpu", "--max-seq-len", "64", "--device-batch-size", "4", "--num-iterations", "2"]
+        with pytest.raises(SystemExit) as exc:
+            base.main(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# mid and SFT (in-process: the plain-Python entry points)
+
+MID = mid.MidTrainConfig(num_iterations=6, max_seq_len=64, device_batch_size=4, total_batch_size=512,
+                         eval_every=3, eval_steps=2, save_every=3, max_examples=120, device_type="cpu")
+SFT = sft.SFTConfig(num_iterations=4, max_seq_len=64, device_batch_size=4, examples_per_step=8,
+                    eval_every=2, eval_steps=2, save_every=2, max_examples=60, device_type="cpu")
+
+
+def rewind_to_first_checkpoint(src: Path, dst: Path) -> None:
+    """dst = src as it was after its first checkpoint: later checkpoints and the final files removed."""
+    shutil.copytree(src, dst)
+    for later in sorted((dst / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(later)
+    for name in ("model.pt", "meta.json", "metrics.json"):
+        (dst / name).unlink()
+
+
+@pytest.fixture(scope="module")
+def mid_out(base_ref, tiny_tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mid")
+    mid.train(MID, base_ref, tiny_tokenizer_dir, out)
+    return out
+
+
+def test_mid_finishes_and_writes_its_files(mid_out):
+    metrics = json.loads((mid_out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and math.isfinite(metrics["val_loss"])
+    assert sorted(p.name for p in (mid_out / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+    _, meta = load_model(mid_out, "cpu")
+    assert meta["stage"] == "mid" and meta["loop_state"]["val_bpb"] == metrics["val_bpb"]
+
+
+def test_mid_resumes_bitwise(base_ref, mid_out, tiny_tokenizer_dir, tmp_path):
+    rewind_to_first_checkpoint(mid_out, tmp_path / "mid")
+    assert mid.train(MID, base_ref, tiny_tokenizer_dir, tmp_path / "mid")["resumed_from_step"] == 3
+    assert same_weights(tmp_path / "mid", mid_out)
+
+
+def test_sft_finishes_and_resumes_bitwise(mid_out, tiny_tokenizer_dir, tmp_path):
+    out, again = tmp_path / "sft", tmp_path / "again"
+    metrics = sft.train(SFT, mid_out, tiny_tokenizer_dir, out)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["steps"] == 4 and metrics["examples"] == 32 and math.isfinite(metrics["val_loss"])
+    assert not same_weights(out, mid_out)
+    assert load_model(out, "cpu")[1]["stage"] == "sft"
+    rewind_to_first_checkpoint(out, again)
+    assert sft.train(SFT, mid_out, tiny_tokenizer_dir, again)["resumed_from_step"] == 2
+    assert same_weights(again, out)
+
+
+def test_sft_with_only_masked_targets_does_not_nan(mid_out, tiny_tokenizer_dir, tmp_path):
+    """max_seq_len 4 keeps only BOS + the user's first tokens: every target is masked. Upstream divided
+    0 by 0 here; we take no step instead of poisoning the weights with NaN."""
+    config = sft.SFTConfig(num_iterations=2, max_seq_len=4, device_batch_size=2, examples_per_step=2,
+                           eval_steps=1, max_examples=10, device_type="cpu")
+    metrics = sft.train(config, mid_out, tiny_tokenizer_dir, tmp_path)
+    assert metrics["val_loss"] == float("inf")  # nothing to score
+    assert json.loads((tmp_path / "metrics.json").read_text())["val_loss"] is None
+    assert same_weights(tmp_path, mid_out)
