@@ -19,13 +19,13 @@ _TINY: dict[str, dict[str, Any]] = {
     "tokenizer": {"vocab_size": 4096, "max_chars": 50_000_000, "doc_cap": 10_000},
     "base": {
         "depth": 4, "max_seq_len": 256, "device_batch_size": 16, "total_batch_size": 4096,
-        "num_iterations": 400, "eval_every": 100, "eval_tokens": 65536, "save_every": 50,
+        "num_iterations": 300, "eval_every": 100, "eval_tokens": 32768, "save_every": 50,
         "warmdown_ratio": 0.3, "device_type": "cpu",
     },
     "mid": {"num_iterations": 80, "max_seq_len": 256, "device_batch_size": 16, "total_batch_size": 4096,
-            "eval_every": 40, "save_every": 40, "max_examples": 4000, "device_type": "cpu"},
-    "sft": {"num_iterations": 60, "device_batch_size": 8, "max_seq_len": 256, "eval_every": 30, "save_every": 30,
-            "max_examples": 2000, "device_type": "cpu"},
+            "eval_every": 40, "eval_steps": 8, "save_every": 40, "max_examples": 4000, "device_type": "cpu"},
+    "sft": {"num_iterations": 60, "device_batch_size": 8, "examples_per_step": 16, "max_seq_len": 256,
+            "eval_every": 30, "eval_steps": 4, "save_every": 30, "max_examples": 2000, "device_type": "cpu"},
     "eval": {"tasks": "ARC-Easy,GSM8K", "max_per_task": 32, "max_new_tokens": 96, "device_type": "cpu"},
 }
 

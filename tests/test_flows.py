@@ -23,9 +23,9 @@ MICRO = {
     "base": {"depth": 2, "max_seq_len": 64, "device_batch_size": 8, "total_batch_size": 512,
              "num_iterations": 30, "eval_every": 15, "eval_tokens": 4096, "save_every": 10},
     "mid": {"num_iterations": 8, "max_seq_len": 64, "device_batch_size": 8, "total_batch_size": 512,
-            "eval_every": 4, "save_every": 4, "max_examples": 400},
-    "sft": {"num_iterations": 6, "max_seq_len": 64, "device_batch_size": 4, "eval_every": 3, "save_every": 3,
-            "max_examples": 200},
+            "eval_every": 4, "eval_steps": 2, "save_every": 4, "max_examples": 400},
+    "sft": {"num_iterations": 6, "max_seq_len": 64, "device_batch_size": 4, "examples_per_step": 8,
+            "eval_every": 3, "eval_steps": 2, "save_every": 3, "max_examples": 200},
     "eval": {"max_per_task": 4, "max_new_tokens": 16},
 }
 STAGES = ["shards", "tokenizer", "base", "mid", "sft", "eval"]
