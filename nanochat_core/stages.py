@@ -106,7 +106,10 @@ def stage_command(plan: StagePlan, input_dirs: dict[str, Path], config_path: Pat
 
 
 def thread_env(nproc: int) -> dict[str, str]:
-    """Split the machine's cores between the ranks (torch would otherwise oversubscribe them)."""
+    """Split the machine's cores between the ranks (torch would otherwise oversubscribe them),
+    unless the user chose a thread count."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return {}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"OMP_NUM_THREADS": str(max(1, cores // max(1, nproc)))}
 
