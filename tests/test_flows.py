@@ -62,10 +62,12 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server_pids():
+def server_pids(store):
+    """Chat servers the flows start outlive them by design; stop every one this module's store recorded."""
     pids = []
     yield pids
-    for pid in pids:
+    recorded = [json.loads(p.read_text())["pid"] for p in Path(store).glob("runs/server-*.json")]
+    for pid in set(pids) | set(recorded):
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
