@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml rustbpe/Cargo.toml $(wildcard rustbpe/src/*.r
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
 	$(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
+	# the upstream rustbpe wheel (same import name as ours): kept apart, for the exactness tests and bench/
+	$(VENV)/bin/uv pip install -q --python $(PY) --target $(VENV)/upstream-rustbpe 'rustbpe==0.1.0'
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } \
 		|| echo "note: chromium not installed; the browser test will fail (apt-get install chromium)"
 	touch $@

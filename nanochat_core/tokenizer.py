@@ -4,7 +4,9 @@ The vocabulary is 256 byte tokens, then the merges, then the 9 special tokens (i
 Files (no pickle): `tokenizer.json` (pattern, special tokens, sha256 of the ranks file) and
 `tokenizer.tiktoken` (one `base64(token_bytes) rank` line per token, tiktoken's own format).
 
-Also the tokenizer stage: train on the train shards (every shard but the last), save, write metrics.json.
+Also the tokenizer stage: train on the train shards (every shard but the last), save, evaluate compression on
+the validation shard against GPT-2 and GPT-4 per domain (tok_eval.md, see nanochat_core.tok_eval), write
+metrics.json.
 
     python -m nanochat_core.tokenizer --shards DIR --out DIR [--vocab-size 65536] [--max-chars N] [--doc-cap N]
 """
@@ -24,6 +26,7 @@ import pyarrow.parquet as pq
 import tiktoken
 
 import rustbpe
+from nanochat_core import tok_eval
 from nanochat_core.artifacts import atomic_write_bytes
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
 from nanochat_core.data.sources import DataError
@@ -41,7 +44,7 @@ CONFIG_FILE = "tokenizer.json"
 RANKS_FILE = "tokenizer.tiktoken"
 FORMAT = "nanochat-tokenizer-v1"
 ROUNDTRIP_TEXT = "Hello world! 123 4567 ünïcödé 你好 🙂 <|bos|> \t\n  x"
-VAL_EVAL_CHARS = 10_000_000  # bytes/token is measured on (about) this many chars of the val shard
+VAL_EVAL_CHARS = 10_000_000  # compression is measured on (about) this many chars of the val shard
 
 
 class TokenizerError(ValueError):
@@ -326,23 +329,9 @@ def training_texts(paths: list[Path], max_chars: int, doc_cap: int, stats: dict)
                 return
 
 
-def bytes_per_token(tokenizer: Tokenizer, path: Path, max_chars: int = VAL_EVAL_CHARS) -> float:
-    """Compression on (the start of) a shard: UTF-8 bytes per token."""
-    docs, chars = [], 0
-    for doc in iter_documents(path):
-        docs.append(doc or "")
-        chars += len(docs[-1])
-        if chars >= max_chars:
-            break
-    num_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    num_tokens = sum(len(ids) for ids in tokenizer.encode(docs))
-    if num_tokens == 0:
-        raise DataError(f"validation shard {path} holds no text")
-    return num_bytes / num_tokens
-
-
 def train_tokenizer(config: TokenizerConfig, shards_dir: str | Path, out_dir: str | Path) -> dict:
-    """Train on the train shards, save the tokenizer into out_dir, write metrics.json; returns the metrics."""
+    """Train on the train shards, save the tokenizer into out_dir, evaluate it on the val shard (tok_eval.md),
+    write metrics.json; returns the metrics."""
     config.validate()
     paths = find_shards(shards_dir)
     train_paths, val_path = paths[:-1], paths[-1]
@@ -359,7 +348,7 @@ def train_tokenizer(config: TokenizerConfig, shards_dir: str | Path, out_dir: st
         "vocab_size": tokenizer.get_vocab_size(),
         "train_chars": stats["chars"],
         "train_seconds": round(train_seconds, 3),
-        "bytes_per_token": round(bytes_per_token(tokenizer, val_path), 4),
+        **tok_eval.evaluate(tokenizer, val_path, out, VAL_EVAL_CHARS),  # bytes_per_token, gpt2_/gpt4_...
     }
     atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics

@@ -191,3 +191,15 @@ def test_unwritable_store_is_refused(tmp_path):
     assert result.returncode == 2
     assert "not writable" in result.stderr
     assert blocker.read_text() == "not a directory"
+
+
+def test_chat_command_answers_from_a_stored_model(prefect_api, store):
+    sft = sorted(Path(store).glob("sft/*/MANIFEST.json"))
+    assert sft, "the end-to-end test leaves a chat model in the store"
+    args = [sys.executable, "-m", "flows.cli", "chat", "--checkpoint", str(sft[0].parent), "-p", "Hello"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() != ""
+    bad = subprocess.run([*args[:4], str(Path(store) / "nope"), "-p", "x"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "incomplete" in bad.stderr and "Traceback" not in bad.stderr

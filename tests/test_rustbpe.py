@@ -1,5 +1,7 @@
-"""rustbpe against an obvious pure-Python BPE on real text, against tiktoken for encoding, and its errors."""
+"""rustbpe against an obvious pure-Python BPE on real text, its splitter against fancy-regex and `regex`,
+encoding against tiktoken (surrogates included), and its errors."""
 
+import unicodedata
 from collections import Counter
 from itertools import pairwise
 
@@ -172,3 +174,97 @@ def test_decode_errors():
         tok.decode([999])
     with pytest.raises(UnicodeDecodeError):
         tok.decode(list("🙂".encode())[:2])
+
+
+# ---- the hand-written splitter
+
+
+def check_splitter_on_code_points(code_points) -> None:
+    """Each code point in a context that reaches every alternative of the pattern. fancy-regex (what
+    tiktoken and upstream use) must agree everywhere; the `regex` package too, on the code points assigned
+    in this Python's Unicode database (newer ones may be classed differently by another Unicode version)."""
+    context = "a{0}b {0}{0}x'{0}1{0}22\n{0}  {0} ."
+    compiled = regex.compile(SPLIT_PATTERN)
+    chars = [chr(cp) for cp in code_points if not 0xD800 <= cp < 0xE000]
+    for i in range(0, len(chars), 8192):
+        block = chars[i:i + 8192]
+        text = "\x00".join(context.format(c) for c in block)
+        assert rustbpe._split(text) == rustbpe._split(text, reference=True), block[0]
+        assigned = "\x00".join(context.format(c) for c in block if unicodedata.category(c) != "Cn")
+        assert rustbpe._split(assigned) == compiled.findall(assigned), block[0]
+
+
+def test_splitter_on_the_bmp_and_a_sample_of_the_other_planes():
+    check_splitter_on_code_points([*range(0x10000), *range(0x10000, 0x110000, 17)])
+
+
+@pytest.mark.slow
+def test_splitter_on_every_code_point():  # (also done in Rust: cargo test --release)
+    check_splitter_on_code_points(range(0x110000))
+
+
+# characters that steer the pattern: apostrophes and contraction letters (ſ folds to s), letters, digits of
+# several scripts, \s of several kinds, \r\n, punctuation, emoji
+STEERING = list("'sSſdDmMtTlLvVeErR aé中ß٣²Ⅻ5 \t\n\r\x0b\x0c\x85\xa0\u2028\u3000.,!?-_🙂") + ["\r\n", "  "]
+ASSIGNED = st.characters(exclude_categories=("Cs", "Cn"))
+fuzz_text = st.lists(st.one_of(st.sampled_from(STEERING), ASSIGNED), max_size=60).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fuzz_text)
+def test_splitter_on_fuzzed_text(text):
+    pieces = rustbpe._split(text)
+    assert "".join(pieces) == text
+    assert pieces == rustbpe._split(text, reference=True) == regex.findall(SPLIT_PATTERN, text)
+    gpt4 = rustbpe.GPT4_PATTERN
+    assert rustbpe._split(text, gpt4) == rustbpe._split(text, gpt4, reference=True) == regex.findall(gpt4, text)
+
+
+def test_other_patterns_go_through_fancy_regex():
+    assert rustbpe._split("ab12 cd", r"\d+|[a-z]") == ["a", "b", "12", "c", "d"]
+    with pytest.raises(ValueError, match="regex"):
+        rustbpe._split("x", "(unclosed")
+
+
+# ---- encoding fuzzed text, surrogates included
+
+
+@pytest.fixture(scope="module")
+def small_tok(corpus) -> rustbpe.Tokenizer:
+    return trained(corpus, 256 + 200)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(fuzz_text, st.text(max_size=40)))  # st.text() includes lone surrogates
+def test_encode_round_trip_and_tiktoken_on_fuzzed_text(small_tok, text):
+    enc = tiktoken_of(small_tok)
+    ids = small_tok.encode(text)
+    assert ids == enc.encode_ordinary(text)
+    assert small_tok.batch_encode([text, text[::-1]]) == enc.encode_ordinary_batch([text, text[::-1]])
+    # like tiktoken, a str that is not valid UTF-8 (lone surrogates) is encoded with them replaced
+    expected = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    assert small_tok.decode(ids) == expected == enc.decode(ids)
+    if not any("\ud800" <= c <= "\udfff" for c in text):
+        assert expected == text
+
+
+def test_surrogates_in_training_text_are_replaced_like_tiktoken():
+    tok = trained(["x\ud800y \ud83d\ude00 \ud83d\ude00"], 256 + 10)
+    assert tok.get_mergeable_ranks() == trained(["x\ufffdy 😀 😀"], 256 + 10).get_mergeable_ranks()
+
+
+def test_encode_argument_errors(small_tok):
+    with pytest.raises(TypeError):
+        small_tok.encode(b"bytes")
+    with pytest.raises(TypeError):
+        small_tok.batch_encode("a str, not a list")
+    with pytest.raises(ValueError, match="below 2\\*\\*32"):
+        trained(["hello"], 2**32)
+    assert trained(["hello"], 2**32 - 1).vocab_size == 260  # "as many merges as there are" is fine
+    with pytest.raises(ValueError, match="regex split failed"):  # catastrophic backtracking, caught
+        trained(["a" * 40 + "b"], 300, pattern=r"((a+)+)(?=c)")
+
+
+def test_extension_is_built_for_the_stable_abi():
+    # abi3: one wheel serves every CPython >= 3.10 (pyo3's abi3-py310 feature; maturin names the file so)
+    assert ".abi3." in rustbpe.rustbpe.__file__

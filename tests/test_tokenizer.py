@@ -5,10 +5,14 @@ import json
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rustbpe
+from nanochat_core import tok_eval
 from nanochat_core.config import ConfigError
 from nanochat_core.data.sources import DataError
 from nanochat_core.tokenizer import (
@@ -203,7 +207,8 @@ def test_train_tokenizer_stage(shards_dir, tmp_path):
     config = TokenizerConfig(vocab_size=600, max_chars=150_000, doc_cap=2_000)
     out = tmp_path / "tok"
     metrics = train_tokenizer(config, shards_dir, out)
-    assert set(metrics) == {"vocab_size", "train_chars", "train_seconds", "bytes_per_token"}
+    assert set(metrics) == {"vocab_size", "train_chars", "train_seconds", "bytes_per_token", "gpt2_bytes_per_token",
+                            "gpt4_bytes_per_token", "vs_gpt2_tokens_pct", "vs_gpt4_tokens_pct"}
     assert metrics["vocab_size"] == 600 and metrics["train_chars"] == 150_000
     assert json.loads((out / "metrics.json").read_text()) == metrics
     trained = Tokenizer.load(out)
@@ -213,6 +218,13 @@ def test_train_tokenizer_stage(shards_dir, tmp_path):
     expected = sum(len(t.encode()) for t in val) / sum(map(len, trained.encode(val)))
     assert metrics["bytes_per_token"] == pytest.approx(expected, abs=1e-4)
     assert metrics["bytes_per_token"] > 1.5  # the merges compress
+    # GPT-4's 100K vocab compresses better than a 600-token one; the table has a row per source + total
+    assert metrics["gpt4_bytes_per_token"] > metrics["gpt2_bytes_per_token"] > metrics["bytes_per_token"]
+    table = (out / "tok_eval.md").read_text()
+    sources = set(pq.read_table(shards_dir / "shard_00002.parquet").column("source").to_pylist())
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) == sources | {"domain", "total"}
+    assert f"| {metrics['bytes_per_token']:.3f} |" in rows["total"]
 
 
 def test_training_texts_respect_caps_and_skip_val(shards_dir):
@@ -247,3 +259,52 @@ def test_stage_data_errors(shards_dir, tmp_path):
         train_tokenizer(config, shards_dir, tmp_path / "o3")
     with pytest.raises(ConfigError, match="doc_cap"):
         train_tokenizer(TokenizerConfig(doc_cap=0), shards_dir, tmp_path / "o4")
+
+
+# ---- fuzzed text
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=12), st.sampled_from(SPECIAL_TOKENS + ["<|endoftext|>", "<|", "|>"])),
+                max_size=8).map("".join))
+def test_fuzzed_round_trip_and_specials_stay_ordinary(tok, text):
+    ids = tok.encode(text)
+    assert max(ids, default=0) < tok.get_bos_token_id()  # special-token strings never become special ids
+    # lone surrogates are replaced as tiktoken does (U+FFFD); everything else comes back exactly
+    assert tok.decode(ids) == text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    assert tok.encode([text, text]) == [ids, ids]
+    bos = tok.get_bos_token_id()
+    assert tok.encode(text, prepend="<|bos|>", append=bos) == [bos] + ids + [bos]  # ...unless asked for
+
+
+def test_batch_encode_of_rustbpe_equals_the_tokenizer(shared_data):
+    texts = pq.read_table(shared_data / "pretrain" / "shard_00011.parquet").column("text").to_pylist()[:300]
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(iter(texts[:100]), 700, pattern=SPLIT_PATTERN)
+    tok = Tokenizer(dict(bpe.get_mergeable_ranks()), bpe.get_pattern())
+    assert bpe.batch_encode(texts) == tok.encode(texts)
+
+
+# ---- tok_eval
+
+
+def test_reference_encodings_are_gpt2_and_gpt4():
+    refs = tok_eval.reference_encodings()
+    assert refs["gpt2"].encode_ordinary("hello world") == [31373, 995]
+    assert refs["gpt4"].encode_ordinary("hello world") == [15339, 1917]
+    assert refs["gpt2"].n_vocab == 50257 and refs["gpt4"].n_vocab == 100258
+
+
+def test_tok_eval_without_source_column_or_reference_ranks(tok, tmp_path, monkeypatch):
+    shard = tmp_path / "val.parquet"
+    pq.write_table(pa.table({"text": ["hello world", "naïve café", None]}), shard)
+    monkeypatch.setenv("NANOCHAT_DATA", str(tmp_path))  # a mirror without tiktoken/
+    metrics = tok_eval.evaluate(tok, shard, tmp_path, max_chars=10_000)
+    assert set(metrics) == {"bytes_per_token"}
+    table = (tmp_path / "tok_eval.md").read_text()
+    assert "| all | 3 |" in table and "only our tokenizer is listed" in table
+    assert metrics["bytes_per_token"] == pytest.approx(len("hello worldnaïve café".encode()) / sum(
+        map(len, tok.encode(["hello world", "naïve café"]))), abs=1e-4)
+    pq.write_table(pa.table({"text": ["", ""]}), shard)
+    with pytest.raises(DataError, match="no text"):
+        tok_eval.evaluate(tok, shard, None, max_chars=10_000)

@@ -3,41 +3,49 @@
 //! Training works on unique regex chunks ("words") with their counts. Pair counts are kept incrementally:
 //! merging a pair only touches the words that contain it, and a max-heap of merge jobs is refreshed lazily
 //! (a popped job whose count is stale is pushed back with the current count). Ties go to the smallest pair
-//! (a, b), so training is deterministic whatever the thread count or hash seeds.
+//! (a, b), so training is deterministic whatever the thread count or hash seeds, and equal to upstream's.
+//! Words live back to back in one buffer and shrink in place as pairs merge.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 use dary_heap::OctonaryHeap;
-use fancy_regex::Regex;
 use rayon::prelude::*;
+use rustc_hash::FxHasher;
+
+use crate::split::Splitter;
 
 pub type Pair = (u32, u32);
 
 // ------------------------------------------------------------------------------------------------
 // counting chunks
 
-/// Split every text with `pattern` and count each distinct chunk (in parallel over texts).
-pub fn count_chunks(texts: &[String], pattern: &Regex) -> Result<AHashMap<String, i64>, String> {
+/// Split every text and count each distinct chunk (in parallel over texts). Keys borrow from `texts`.
+pub fn count_chunks<'t, T: AsRef<str> + Sync>(
+    texts: &'t [T],
+    splitter: &Splitter,
+) -> Result<AHashMap<&'t str, i64>, String> {
+    // few, large maps: each split of the work starts an empty map, and merging maps costs as much as filling
+    let min_len = texts.len() / (4 * rayon::current_num_threads());
     texts
         .par_iter()
-        .try_fold(AHashMap::new, |mut counts: AHashMap<String, i64>, text| {
-            for m in pattern.find_iter(text) {
-                let piece = m.map_err(|e| format!("regex split failed: {e}"))?.as_str();
-                match counts.get_mut(piece) {
-                    Some(c) => *c += 1,
-                    None => {
-                        counts.insert(piece.to_owned(), 1);
-                    }
-                }
-            }
+        .with_min_len(min_len.max(1))
+        .try_fold(AHashMap::new, |mut counts: AHashMap<&'t str, i64>, text| {
+            splitter.for_each(text.as_ref(), |piece| {
+                *counts.entry(piece).or_default() += 1
+            })?;
             Ok(counts)
         })
         .try_reduce(AHashMap::new, |a, b| Ok(merge_counts(a, b)))
 }
 
 /// Add the smaller map into the larger one.
-pub fn merge_counts(a: AHashMap<String, i64>, b: AHashMap<String, i64>) -> AHashMap<String, i64> {
+fn merge_counts<'t>(
+    a: AHashMap<&'t str, i64>,
+    b: AHashMap<&'t str, i64>,
+) -> AHashMap<&'t str, i64> {
     let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
     for (k, v) in small {
         *big.entry(k).or_default() += v;
@@ -45,41 +53,77 @@ pub fn merge_counts(a: AHashMap<String, i64>, b: AHashMap<String, i64>) -> AHash
     big
 }
 
+/// Add one batch's counts into the running totals (copying only the chunks not seen before).
+pub fn add_counts(total: &mut AHashMap<String, i64>, batch: AHashMap<&str, i64>) {
+    for (k, v) in batch {
+        match total.get_mut(k) {
+            Some(c) => *c += v,
+            None => {
+                total.insert(k.to_owned(), v);
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // training
 
-struct Word {
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// The unique chunks as byte-id sequences, back to back in one buffer. Merging only ever shortens a
+/// word, so it is rewritten in place: no allocation per word or per merge.
+struct Words {
     ids: Vec<u32>,
+    /// word i is ids[start[i] .. start[i] + len[i]]
+    start: Vec<usize>,
+    len: Vec<u32>,
 }
 
-impl Word {
-    /// Merge every non-overlapping occurrence of `pair` (left to right) into `new_id`, appending the
-    /// pair-count changes of this one word to `deltas`: -1 per pair destroyed, +1 per pair created.
-    fn merge_pair(&mut self, pair: Pair, new_id: u32, deltas: &mut Vec<(Pair, i64)>) {
+impl Words {
+    fn new<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> Self {
+        let (mut ids, mut start, mut len) = (Vec::new(), Vec::new(), Vec::new());
+        for chunk in chunks {
+            start.push(ids.len());
+            len.push(chunk.len() as u32);
+            ids.extend(chunk.iter().map(|&b| b as u32));
+        }
+        Self { ids, start, len }
+    }
+
+    fn word(&self, i: usize) -> &[u32] {
+        &self.ids[self.start[i]..self.start[i] + self.len[i] as usize]
+    }
+
+    /// Merge every non-overlapping occurrence of `pair` (left to right) in word `i` into `new_id`,
+    /// appending the changes to the counts of the pairs around each occurrence: -1 per pair destroyed,
+    /// +1 per pair created. (The merged pair itself is left out: its count just goes to zero.)
+    fn merge_pair(&mut self, i: usize, pair: Pair, new_id: u32, deltas: &mut Vec<(Pair, i64)>) {
         let (a, b) = pair;
-        let n = self.ids.len();
-        let mut out: Vec<u32> = Vec::with_capacity(n);
-        let mut i = 0;
-        while i < n {
-            if i + 1 < n && self.ids[i] == a && self.ids[i + 1] == b {
-                if let Some(&left) = out.last() {
+        let s = self.start[i];
+        let ids = &mut self.ids[s..s + self.len[i] as usize];
+        let n = ids.len();
+        let (mut r, mut w) = (0, 0); // read and write positions: w <= r, so in place is safe
+        while r < n {
+            if r + 1 < n && ids[r] == a && ids[r + 1] == b {
+                if w > 0 {
+                    let left = ids[w - 1];
                     deltas.push(((left, a), -1));
                     deltas.push(((left, new_id), 1));
                 }
-                deltas.push(((a, b), -1));
-                if i + 2 < n {
-                    let right = self.ids[i + 2];
+                if r + 2 < n {
+                    let right = ids[r + 2];
                     deltas.push(((b, right), -1));
                     deltas.push(((new_id, right), 1));
                 }
-                out.push(new_id);
-                i += 2;
+                ids[w] = new_id;
+                r += 2;
             } else {
-                out.push(self.ids[i]);
-                i += 1;
+                ids[w] = ids[r];
+                r += 1;
             }
+            w += 1;
         }
-        self.ids = out;
+        self.len[i] = w as u32;
     }
 }
 
@@ -113,67 +157,67 @@ impl PartialOrd for MergeJob {
     }
 }
 
-type PairStats = (AHashMap<Pair, i64>, AHashMap<Pair, AHashSet<u32>>);
-
-/// Count every adjacent pair (weighted by word count) and remember which words hold it.
-fn count_pairs(words: &[Word], counts: &[i64]) -> PairStats {
-    words
-        .par_iter()
-        .enumerate()
-        .fold(
-            || (AHashMap::new(), AHashMap::new()),
-            |(mut pc, mut pos): PairStats, (i, w)| {
-                for p in w.ids.windows(2) {
-                    let pair = (p[0], p[1]);
-                    *pc.entry(pair).or_default() += counts[i];
-                    pos.entry(pair)
-                        .or_insert_with(AHashSet::new)
-                        .insert(i as u32);
+/// Count every adjacent pair (weighted by word count) and list the words holding it, in parallel over
+/// contiguous ranges of words; joining the ranges in order keeps every word list sorted and unique.
+fn count_pairs(words: &Words, counts: &[i64]) -> FxMap<Pair, (i64, Vec<u32>)> {
+    let n = counts.len();
+    let span = n.div_ceil(rayon::current_num_threads() * 4).max(1);
+    let parts: Vec<FxMap<Pair, (i64, Vec<u32>)>> = (0..n.div_ceil(span))
+        .into_par_iter()
+        .map(|k| {
+            let mut stats: FxMap<Pair, (i64, Vec<u32>)> = FxMap::default();
+            for (i, &count) in counts
+                .iter()
+                .enumerate()
+                .take((k + 1) * span)
+                .skip(k * span)
+            {
+                for p in words.word(i).windows(2) {
+                    let entry = stats.entry((p[0], p[1])).or_default();
+                    entry.0 += count;
+                    if entry.1.last() != Some(&(i as u32)) {
+                        entry.1.push(i as u32);
+                    }
                 }
-                (pc, pos)
-            },
-        )
-        .reduce(
-            || (AHashMap::new(), AHashMap::new()),
-            |(mut pc, mut pos), (pc2, pos2)| {
-                for (k, v) in pc2 {
-                    *pc.entry(k).or_default() += v;
-                }
-                for (k, s) in pos2 {
-                    pos.entry(k).or_insert_with(AHashSet::new).extend(s);
-                }
-                (pc, pos)
-            },
-        )
+            }
+            stats
+        })
+        .collect();
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().unwrap_or_default();
+    for part in parts {
+        for (pair, (count, pos)) in part {
+            let entry = total.entry(pair).or_default();
+            entry.0 += count;
+            entry.1.extend(pos);
+        }
+    }
+    total
 }
 
 /// Learn up to `num_merges` merges from unique chunks and their counts. Returns the merged pairs in
-/// order; merge i creates token id 256 + i. Stops early when no pair occurs any more.
+/// order; merge i creates token id 256 + i. Stops early when no pair occurs any more. The result does not
+/// depend on the order of `chunks`: each merge is the most frequent pair, ties going to the smallest.
 pub fn train(chunks: AHashMap<String, i64>, num_merges: u32) -> Vec<Pair> {
-    // Sort the chunks so word indices (and so everything below) do not depend on hash order.
-    let mut chunks: Vec<(String, i64)> = chunks.into_iter().collect();
-    chunks.par_sort_unstable();
-    let counts: Vec<i64> = chunks.iter().map(|(_, c)| *c).collect();
-    let mut words: Vec<Word> = chunks
-        .into_iter()
-        .map(|(s, _)| Word {
-            ids: s.bytes().map(u32::from).collect(),
-        })
-        .collect();
+    let counts: Vec<i64> = chunks.values().copied().collect();
+    let mut words = Words::new(chunks.keys().map(|s| s.as_bytes()));
+    drop(chunks);
 
-    let (mut pair_counts, positions) = count_pairs(&words, &counts);
-    let mut heap: OctonaryHeap<MergeJob> = OctonaryHeap::with_capacity(positions.len());
-    for (pair, pos) in positions {
-        let count = pair_counts[&pair];
+    let stats = count_pairs(&words, &counts);
+    let mut pair_counts: FxMap<Pair, i64> = FxMap::default();
+    pair_counts.reserve(stats.len());
+    let mut heap: OctonaryHeap<MergeJob> = OctonaryHeap::with_capacity(stats.len());
+    for (pair, (count, pos)) in stats {
         if count > 0 {
-            let mut pos: Vec<u32> = pos.into_iter().collect();
-            pos.sort_unstable();
+            pair_counts.insert(pair, count);
             heap.push(MergeJob { count, pair, pos });
         }
     }
 
-    let mut merges: Vec<Pair> = Vec::with_capacity(num_merges as usize);
+    // (capacity capped: vocab_size may be huge when the caller wants "all the merges there are")
+    let mut merges: Vec<Pair> = Vec::with_capacity(num_merges.min(1 << 20) as usize);
     let mut deltas: Vec<(Pair, i64)> = Vec::new();
+    let mut created: FxMap<Pair, Vec<u32>> = FxMap::default();
     while (merges.len() as u32) < num_merges {
         let Some(mut top) = heap.pop() else { break };
         // Counts only ever drop for pairs already in the heap (new pairs all contain the new id), so a
@@ -190,10 +234,9 @@ pub fn train(chunks: AHashMap<String, i64>, num_merges: u32) -> Vec<Pair> {
 
         let new_id = 256 + merges.len() as u32;
         merges.push(top.pair);
-        let mut created: AHashMap<Pair, Vec<u32>> = AHashMap::new();
         for &wi in &top.pos {
             deltas.clear();
-            words[wi as usize].merge_pair(top.pair, new_id, &mut deltas);
+            words.merge_pair(wi as usize, top.pair, new_id, &mut deltas);
             let weight = counts[wi as usize];
             for &(pair, d) in &deltas {
                 *pair_counts.entry(pair).or_default() += d * weight;
@@ -206,7 +249,7 @@ pub fn train(chunks: AHashMap<String, i64>, num_merges: u32) -> Vec<Pair> {
             }
         }
         pair_counts.remove(&top.pair);
-        for (pair, pos) in created {
+        for (pair, pos) in created.drain() {
             let count = pair_counts.get(&pair).copied().unwrap_or(0);
             if count > 0 {
                 heap.push(MergeJob { count, pair, pos });
@@ -278,17 +321,16 @@ pub fn encode_chunk(piece: &[u8], ranks: &AHashMap<Vec<u8>, u32>, out: &mut Vec<
     }
 }
 
-/// Split `text` with `pattern` and encode every chunk.
+/// Split `text` and encode every chunk.
 pub fn encode(
     text: &str,
-    pattern: &Regex,
+    splitter: &Splitter,
     ranks: &AHashMap<Vec<u8>, u32>,
 ) -> Result<Vec<u32>, String> {
     let mut ids = Vec::with_capacity(text.len() / 3 + 1);
-    for m in pattern.find_iter(text) {
-        let piece = m.map_err(|e| format!("regex split failed: {e}"))?.as_str();
-        encode_chunk(piece.as_bytes(), ranks, &mut ids);
-    }
+    splitter.for_each(text, |piece| {
+        encode_chunk(piece.as_bytes(), ranks, &mut ids)
+    })?;
     Ok(ids)
 }
 
@@ -312,12 +354,11 @@ mod tests {
 
     #[test]
     fn merge_pair_overlapping_runs() {
-        let mut w = Word {
-            ids: vec![97, 97, 97, 97],
-        };
+        let mut w = Words::new([&b"xy"[..], b"aaaa", b"z"].into_iter());
         let mut deltas = Vec::new();
-        w.merge_pair((97, 97), 256, &mut deltas);
-        assert_eq!(w.ids, vec![256, 256]);
+        w.merge_pair(1, (97, 97), 256, &mut deltas);
+        assert_eq!(w.word(1), &[256, 256]);
+        assert_eq!((w.word(0), w.word(2)), (&[120, 121][..], &[122][..]));
         let net = |p: Pair| {
             deltas
                 .iter()
@@ -325,7 +366,7 @@ mod tests {
                 .map(|(_, d)| d)
                 .sum::<i64>()
         };
-        assert_eq!(net((97, 97)), -3);
+        assert_eq!(net((97, 97)), -1); // + the 2 merged occurrences, left out of the deltas
         assert_eq!(net((256, 256)), 1);
         assert_eq!(net((256, 97)), 0);
     }
