@@ -25,12 +25,14 @@ from nanochat_core.checkpoint import save_final_model
 from nanochat_core.common import DistInfo, cleanup_distributed, emit_progress, init_distributed, print0
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args, config_to_dict
 from nanochat_core.dataloader import PretrainLoader
+from nanochat_core.device import mfu_percent, peak_flops
 from nanochat_core.gpt import config_for_depth
 from nanochat_core.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat_core.tokenizer import Tokenizer
 from nanochat_core.train.common import (
     Preemption,
     Session,
+    WandbLog,
     autocast_context,
     check_device_type,
     grad_accum_steps,
@@ -44,8 +46,6 @@ from nanochat_core.train.common import (
     set_muon_momentum,
     setup_lrs,
 )
-
-H100_BF16_PEAK_FLOPS = 989e12
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ def validation(model, shards_dir, tokenizer, config: BaseTrainConfig, d: DistInf
                             d.rank, d.world_size, d.device)
     steps = max(1, config.eval_tokens // (config.device_batch_size * config.max_seq_len * d.world_size))
     batches = [next(loader) for _ in range(steps)]
+    loader.close()  # stop its read-ahead now rather than whenever it is garbage collected
     model.eval()
     with autocast:
         bpb = evaluate_bpb(model, batches, steps, token_bytes)
@@ -128,9 +129,10 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
     remember_initial_lrs(optimizers)
     num_params = model.num_params()
     num_iterations = num_iterations_for(config, num_params)
-    flops_per_token = model.estimate_flops()
+    flops_per_token, peak = model.estimate_flops(), peak_flops(d.device)
     print0(f"base: {num_params:,} params, {num_iterations} steps of {config.total_batch_size:,} tokens, "
-           f"grad_accum {grad_accum}, world {d.world_size}, device {d.device}")
+           f"grad_accum {grad_accum}, world {d.world_size}, device {d.device}"
+           + ("" if peak else " (no peak FLOP/s known for it: MFU not reported)"))
 
     session = Session(out_dir, "base", d, model, optimizers, keep=config.keep_checkpoints)
     cfg = config_to_dict(config)
@@ -152,7 +154,8 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
         return session.save(step, meta(), loader_state, {"token_counts": counts.cpu()})
 
     val_targets = None
-    with Preemption() as preempt:
+    run_info = {**cfg, "num_params": num_params, "num_iterations": num_iterations, "world_size": d.world_size}
+    with Preemption() as preempt, WandbLog.start("nanochat", run_info, d) as wandb:
         loader_state = loader.state_dict()  # position of the batch we are about to fetch
         x, y = next(loader)
         for step in range(start, num_iterations + 1):
@@ -161,6 +164,7 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
             if last or (config.eval_every > 0 and step % config.eval_every == 0):
                 loop["val_bpb"], val_targets = validation(fwd, shards_dir, tokenizer, config, d, token_bytes, autocast)
                 print0(f"step {step}/{num_iterations}: val bpb {loop['val_bpb']:.4f}")
+                wandb.log(step, val_bpb=loop["val_bpb"])
             if step > start and (last or (config.save_every > 0 and step % config.save_every == 0)):
                 save(step)
             if last:
@@ -186,11 +190,13 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
             loop["train_seconds"] += dt
             progress = {"loss": round(loss_value, 5), "lr": round(lrm, 5),
                         "tok_per_s": round(config.total_batch_size / dt), "dt": round(dt, 4)}
-            if d.device.type == "cuda":
-                progress["mfu"] = round(100 * flops_per_token * config.total_batch_size / dt
-                                        / (H100_BF16_PEAK_FLOPS * d.world_size), 2)
+            mfu = mfu_percent(flops_per_token, config.total_batch_size, dt, peak, d.world_size)
+            if mfu is not None:
+                progress["mfu"] = round(mfu, 2)
             emit_progress(step + 1, num_iterations, **progress)
+            wandb.log(step + 1, **progress)
 
+    loader.close()
     if d.is_distributed:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     metrics = {

@@ -1,5 +1,5 @@
 """What the base, mid and SFT training loops share: schedules, gradient accumulation, autocast, preemption,
-checkpoint/resume and the CLI wrapper.
+checkpoint/resume, optional W&B logging and the CLI wrapper.
 
 Preemption: SIGTERM (Prefect cancellation, a spot instance going away, torchrun passing on a signal) only sets
 a flag. At each step boundary the ranks agree on it (all_reduce MAX, so they all stop at the same step), save
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -277,6 +278,59 @@ class Session:
         if self.dist_info.is_master:
             clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
             atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(clean, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# W&B (optional: wandb is not a dependency)
+
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass
+class WandbLog:
+    """Rank 0's W&B run when WANDB_MODE is online/offline and wandb is installed; otherwise every call is a no-op.
+
+    wandb is imported here, never at module top: it is optional. WANDB_MODE unset or "disabled" logs nothing;
+    asking for it without wandb installed (or with an unknown mode) prints one warning and training goes on."""
+
+    run: Any = None
+
+    @classmethod
+    def start(cls, project: str, config: dict, dist_info: DistInfo) -> WandbLog:
+        """Files go where wandb puts them (./wandb, or WANDB_DIR), never into the stage's artifact directory."""
+        mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        if not dist_info.is_master or mode in ("", "disabled"):
+            return cls()
+        if mode not in WANDB_MODES:
+            print(f"warning: WANDB_MODE={mode!r} is not one of {WANDB_MODES} or 'disabled': not logging to W&B",
+                  file=sys.stderr, flush=True)
+            return cls()
+        try:
+            import wandb
+        except ImportError:
+            print(f"warning: WANDB_MODE={mode} but wandb is not installed (pip install wandb): not logging to W&B",
+                  file=sys.stderr, flush=True)
+            return cls()
+        return cls(wandb.init(project=project, config=config, mode=mode))
+
+    @property
+    def enabled(self) -> bool:
+        return self.run is not None
+
+    def log(self, step: int, **metrics) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+    def __enter__(self) -> WandbLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
 
 
 # ---------------------------------------------------------------------------------------------
