@@ -1,11 +1,13 @@
-"""Chat evaluation: ARC-Easy, ARC-Challenge, MMLU (categorical) and GSM8K (generative), plus ChatCORE.
+"""Chat evaluation: ARC-Easy, ARC-Challenge, MMLU (categorical), GSM8K and HumanEval (generative), plus ChatCORE.
 
 Categorical tasks render the question with render_for_completion (ends with <|assistant_start|>), run the
 batch right-padded, and pick the answer as the argmax of the logits at the last prompt position restricted
 to the choice letters' tokens: the model is never asked to produce free text, so even a small model gets a
 fair score. GSM8K samples a full answer with the Engine (calculator tool included) and compares the
-'#### N' number exactly. ChatCORE centers each accuracy on its random baseline, (acc - b) / (1 - b), and
-averages over the tasks that ran; the result names those tasks, since a mean over fewer tasks is another metric.
+'#### N' number exactly. HumanEval samples a function and runs it against the problem's tests in the
+sandbox (nanochat_core.sandbox: separate process, time/memory limits, no network). ChatCORE centers each
+accuracy on its random baseline, (acc - b) / (1 - b), and averages over the tasks that ran; the result names
+those tasks, since a mean over fewer tasks is another metric.
 
 Items are strided across ranks when launched with torchrun, and the counts are all-reduced, so the numbers
 do not depend on the world size. Run as a stage:
@@ -31,13 +33,16 @@ from nanochat_core.checkpoint import load_model
 from nanochat_core.common import cleanup_distributed, emit_progress, init_distributed, print0
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args, config_to_dict
 from nanochat_core.engine import Engine
+from nanochat_core.sandbox import run_code
 from nanochat_core.tokenizer import Tokenizer
 
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0}  # random-guess accuracy
+# random-guess accuracy
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 CATEGORICAL = ("ARC-Easy", "ARC-Challenge", "MMLU")
 VALID_TASKS = tuple(BASELINES)
 DEVICE_TYPES = ("", "cpu", "cuda", "mps")
 NUM_SAMPLES_KEPT = 3  # sample completions per task written to results.json
+HUMANEVAL_TIMEOUT = 5.0  # seconds per program in the sandbox (the canonical solutions need well under 1 s)
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ def load_task(name: str) -> list[dict]:
         return tasks.mmlu("test")
     if name == "GSM8K":
         return tasks.gsm8k("test")
+    if name == "HumanEval":
+        return tasks.humaneval()
     raise ConfigError(f"unknown task {name!r}; valid tasks are {', '.join(VALID_TASKS)}")
 
 
@@ -163,6 +170,15 @@ def gsm8k_is_correct(item: dict, completion: str) -> bool:
     return predicted is not None and predicted == item["answer"]
 
 
+def humaneval_is_correct(item: dict, completion: str) -> bool:
+    """Run the completion against the problem's tests in the sandbox; any failure (wrong answer, exception,
+    timeout, memory, a blocked call) counts as incorrect."""
+    return run_code(tasks.humaneval_program(item, completion), timeout=HUMANEVAL_TIMEOUT).success
+
+
+GENERATIVE_CHECKS = {"GSM8K": gsm8k_is_correct, "HumanEval": humaneval_is_correct}
+
+
 def generation_budget(prompt: list[int], max_new_tokens: int, max_len: int) -> tuple[list[int], int]:
     """Fit prompt + generation into the model's context: keep at least min(max_new_tokens, max_len // 2)
     tokens for the answer (left-cropping a long prompt), and never generate past the context."""
@@ -172,7 +188,7 @@ def generation_budget(prompt: list[int], max_new_tokens: int, max_len: int) -> t
 
 
 def run_generative(model, tokenizer, items: list[dict], config: ChatEvalConfig, first_index: int, stride: int,
-                   progress) -> tuple[int, int, list[dict]]:
+                   progress, is_correct=gsm8k_is_correct) -> tuple[int, int, list[dict]]:
     """Correct count, cropped-prompt count and a few samples over `items` (this rank's share)."""
     engine = Engine(model, tokenizer)
     correct, cropped, samples = 0, 0, []
@@ -185,7 +201,7 @@ def run_generative(model, tokenizer, items: list[dict], config: ChatEvalConfig, 
             top_k=config.top_k or None, seed=config.seed + first_index + k * stride,
         )
         completions = [tokenizer.decode(r[len(prompt):]) for r in results]
-        passed = any(gsm8k_is_correct(item, c) for c in completions)
+        passed = any(is_correct(item, c) for c in completions)
         correct += int(passed)
         if len(samples) < NUM_SAMPLES_KEPT:
             samples.append({"prompt": item["messages"][0]["content"], "completion": completions[0],
@@ -227,7 +243,8 @@ def evaluate_task(config: ChatEvalConfig, name: str, model, tokenizer) -> dict[s
     if name in CATEGORICAL:
         correct, cropped, samples = run_categorical(model, tokenizer, mine, config.batch_size, progress)
     else:
-        correct, cropped, samples = run_generative(model, tokenizer, mine, config, rank, world, progress)
+        correct, cropped, samples = run_generative(model, tokenizer, mine, config, rank, world, progress,
+                                                   GENERATIVE_CHECKS[name])
     correct, total, cropped = all_reduce_counts([correct, len(mine), cropped], device)
     accuracy = correct / total if total else 0.0
     note = f" ({cropped} prompts left-cropped to the {context_length(model)}-token context)" if cropped else ""
@@ -263,7 +280,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU and GSM8K (ChatCORE).")
+    parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K and HumanEval (ChatCORE).")
     parser.add_argument("--model", required=True, help="model directory (load_model)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
     parser.add_argument("--out", required=True, help="output directory for results.json and metrics.json")

@@ -1,4 +1,4 @@
-"""Task data -> conversations: the chat eval sets (ARC, MMLU, GSM8K) and the mid/SFT training mixtures.
+"""Task data -> conversations: the chat eval sets (ARC, MMLU, GSM8K, HumanEval) and the mid/SFT training mixtures.
 
 Every item is a conversation `{"messages": [{"role", "content"}, ...]}` that the tokenizer can render, plus
 the fields an evaluator needs: multiple-choice items carry "letters" (the choice labels) and "answer" (the
@@ -28,6 +28,7 @@ CONVERSATION_VAL_EVERY = 20  # every 20th valid conversation is held out for val
 MIXTURES = ("mid", "sft")
 GSM8K_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 GSM8K_CALC_RE = re.compile(r"(<<[^>]+>>)")
+CODE_BLOCK_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
@@ -141,6 +142,53 @@ def gsm8k(split: str) -> list[dict]:
         ]
         items.append({"messages": messages, "answer": number})
     return items
+
+
+# -----------------------------------------------------------------------------
+# HumanEval
+
+def humaneval() -> list[dict]:
+    """HumanEval's 164 problems: the user gives the function stub, the assistant answers with the whole function
+    (stub + canonical solution). Items also carry "prompt", "test", "entry_point" and "answer" (the solution)."""
+    name = "humaneval/HumanEval.jsonl.gz"
+    items = []
+    for i, row in enumerate(read_dataset(name)):
+        fields = [row.get(k) for k in ("prompt", "canonical_solution", "test", "entry_point")]
+        if not all(isinstance(f, str) and f for f in fields):
+            raise DataError(f"{resolve(name)} row {i}: expected non-empty prompt, canonical_solution, test and "
+                            f"entry_point strings")
+        prompt, solution, test, entry_point = fields
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": prompt + solution}]
+        items.append({"messages": messages, "prompt": prompt, "test": test, "entry_point": entry_point,
+                      "answer": solution, "task_id": row.get("task_id")})
+    return items
+
+
+def extract_imports(prompt: str) -> str:
+    """The import lines at the top of a HumanEval prompt (a completion that rewrites the function may drop them)."""
+    imports = []
+    for line in prompt.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("import ", "from ")):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
+
+
+def extract_code(completion: str) -> str:
+    """The first fenced code block of a completion, or the whole completion if it has none."""
+    match = CODE_BLOCK_RE.search(completion)
+    return match.group(1) if match else completion
+
+
+def humaneval_program(item: dict, completion: str) -> str:
+    """The program that passes iff the completion is right: prompt imports + code + tests + check(entry_point).
+    A completion that never defines the entry point is taken as the function body and appended to the stub."""
+    code = extract_code(completion)
+    if f"def {item['entry_point']}" not in code:
+        code = item["prompt"] + code
+    return "\n\n".join([extract_imports(item["prompt"]), code, item["test"], f"check({item['entry_point']})\n"])
 
 
 # -----------------------------------------------------------------------------

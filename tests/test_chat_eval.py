@@ -178,3 +178,63 @@ def test_two_ranks_match_one_rank(model, tiny_tokenizer_dir, tmp_path, shared_da
     for name in ("ARC-Easy", "GSM8K"):
         assert runs[2][name]["n"] == runs[1][name]["n"] == 5
         assert runs[2][name]["correct"] == runs[1][name]["correct"]
+
+
+# -----------------------------------------------------------------------------
+# HumanEval: the check path is proven on the dataset's own solutions
+
+@pytest.fixture(scope="module")
+def humaneval_items(shared_data) -> dict[str, dict]:
+    return {item["task_id"]: item for item in tasks.humaneval()}
+
+
+def test_humaneval_items(humaneval_items):
+    assert len(humaneval_items) == 164
+    item = humaneval_items["HumanEval/0"]
+    assert item["entry_point"] == "has_close_elements" and "def check(candidate)" in item["test"]
+    assert item["messages"][1]["content"] == item["prompt"] + item["answer"]
+    assert tasks.extract_imports(item["prompt"]) == "from typing import List"
+
+
+def test_extract_code_takes_the_first_fenced_block():
+    assert tasks.extract_code("Here:\n```python\ndef f():\n    return 1\n```\nand ```py\nx\n```") == (
+        "def f():\n    return 1\n")
+    assert tasks.extract_code("```\nprint(2)\n```") == "print(2)\n"
+    assert tasks.extract_code("def f(): return 3") == "def f(): return 3"
+
+
+@pytest.mark.parametrize("task_id", ["HumanEval/0", "HumanEval/32", "HumanEval/162"])  # typing, math, hashlib
+def test_humaneval_canonical_solution_passes_and_wrong_one_fails(humaneval_items, task_id):
+    item = humaneval_items[task_id]
+    fenced = f"Sure:\n```python\n{item['prompt']}{item['answer']}```\nDone."
+    assert chat_eval.humaneval_is_correct(item, fenced)
+    assert chat_eval.humaneval_is_correct(item, item["answer"])  # a bare function body continues the stub
+    assert not chat_eval.humaneval_is_correct(item, f"```python\n{item['prompt']}    return None\n```")
+    other = humaneval_items["HumanEval/1"]
+    assert not chat_eval.humaneval_is_correct(item, other["prompt"] + other["answer"])  # never defines entry point
+
+
+def test_humaneval_program_shape(humaneval_items):
+    item = humaneval_items["HumanEval/0"]
+    program = tasks.humaneval_program(item, "```python\ndef has_close_elements(numbers, threshold):\n    pass\n```")
+    assert program.startswith("from typing import List\n\ndef has_close_elements(numbers, threshold):")
+    assert program.endswith(item["test"] + "\n\ncheck(has_close_elements)\n")
+
+
+def test_evaluate_humaneval_tiny_model(model, tokenizer, shared_data):
+    config = ChatEvalConfig(tasks="HumanEval", max_per_task=2, max_new_tokens=8)
+    results = chat_eval.evaluate(config, model, tokenizer)
+    r = results["tasks"]["HumanEval"]
+    assert r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0 and r["baseline"] == 0.0
+    assert results["ChatCORE"] == pytest.approx(r["accuracy"])
+    assert len(r["samples"]) == 2 and all(isinstance(s["completion"], str) for s in r["samples"])
+
+
+@pytest.mark.slow
+def test_every_humaneval_canonical_solution_passes(humaneval_items):
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(humaneval_items.values())
+    with ThreadPoolExecutor(2) as pool:
+        passed = list(pool.map(lambda it: chat_eval.humaneval_is_correct(it, it["prompt"] + it["answer"]), items))
+    assert [it["task_id"] for it, ok in zip(items, passed, strict=True) if not ok] == []
