@@ -200,6 +200,6 @@ def test_chat_command_answers_from_a_stored_model(prefect_api, store):
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() != ""
-    bad = subprocess.run([*args[:4], str(Path(store) / "nope"), "-p", "x"], capture_output=True, text=True,
+    bad = subprocess.run([*args[:5], str(Path(store) / "nope"), "-p", "x"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "incomplete" in bad.stderr and "Traceback" not in bad.stderr
