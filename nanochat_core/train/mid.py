@@ -33,6 +33,7 @@ from nanochat_core.tokenizer import Tokenizer
 from nanochat_core.train.common import (
     Preemption,
     Session,
+    WandbLog,
     autocast_context,
     check_device_type,
     grad_accum_steps,
@@ -168,7 +169,7 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
     def save(step: int) -> Path:
         return session.save(step, meta(), loader_state)
 
-    with Preemption() as preempt:
+    with Preemption() as preempt, WandbLog.start("nanochat-mid", cfg, d) as wandb:
         loader_state = loader.state_dict()
         x, y = next(loader)
         for step in range(start, num_iterations + 1):
@@ -180,6 +181,7 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
                     result = evaluate(fwd, PackedStream(val_tokens, B, T, d.device), config.eval_steps, token_bytes)
                 fwd.train()
                 loop["val_loss"], loop["val_bpb"] = result["loss"], result["bpb"]
+                wandb.log(step, val_loss=loop["val_loss"], val_bpb=loop["val_bpb"])
                 print0(f"step {step}/{num_iterations}: val loss {result['loss']:.4f}, val bpb {result['bpb']:.4f}")
             if step > start and (last or (config.save_every > 0 and step % config.save_every == 0)):
                 save(step)
@@ -203,8 +205,10 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
             loss_value = (train_loss / grad_accum).item()
             dt = time.time() - t0
             loop["train_seconds"] += dt
-            emit_progress(step + 1, num_iterations, loss=round(loss_value, 5), lr=round(lrm, 5),
-                          tok_per_s=round(config.total_batch_size / dt), dt=round(dt, 4))
+            progress = {"loss": round(loss_value, 5), "lr": round(lrm, 5),
+                        "tok_per_s": round(config.total_batch_size / dt), "dt": round(dt, 4)}
+            emit_progress(step + 1, num_iterations, **progress)
+            wandb.log(step + 1, **progress)
 
     metrics = {
         "val_loss": loop["val_loss"],

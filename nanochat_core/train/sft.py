@@ -31,6 +31,7 @@ from nanochat_core.tokenizer import Tokenizer
 from nanochat_core.train.common import (
     Preemption,
     Session,
+    WandbLog,
     autocast_context,
     check_device_type,
     load_upstream_model,
@@ -161,7 +162,7 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
     def save(step: int) -> Path:
         return session.save(step, meta(), batches.state_dict())
 
-    with Preemption() as preempt:
+    with Preemption() as preempt, WandbLog.start("nanochat-sft", cfg, d) as wandb:
         for step in range(start, num_iterations + 1):
             session.stop_if_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - called right away
             last = step == num_iterations
@@ -172,6 +173,7 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
                                       token_bytes)
                 model.train()
                 loop["val_loss"], loop["val_bpb"] = result["loss"], result["bpb"]
+                wandb.log(step, val_loss=loop["val_loss"], val_bpb=loop["val_bpb"])
                 print0(f"step {step}/{num_iterations}: val loss {result['loss']:.4f}")
             if step > start and (last or (config.save_every > 0 and step % config.save_every == 0)):
                 save(step)
@@ -195,8 +197,10 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
             dt = time.time() - t0
             loop["train_seconds"] += dt
             tokens = sum(x.numel() for x, _ in micro) * d.world_size
-            emit_progress(step + 1, num_iterations, loss=round(loss_value, 5), lr=round(lrm, 5),
-                          tok_per_s=round(tokens / dt), dt=round(dt, 4))
+            progress = {"loss": round(loss_value, 5), "lr": round(lrm, 5), "tok_per_s": round(tokens / dt),
+                        "dt": round(dt, 4)}
+            emit_progress(step + 1, num_iterations, **progress)
+            wandb.log(step + 1, **progress)
 
     metrics = {
         "val_loss": loop["val_loss"],
