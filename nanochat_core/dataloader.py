@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat_core.data.sources import DataError
-from nanochat_core.tokenizer import Tokenizer
+from nanochat_core.tokenizer import Tokenizer, find_shards
 
 SPLITS = ("train", "val")
 
@@ -37,12 +37,7 @@ def split_files(shards_dir: str | Path, split: str) -> list[Path]:
     """The shard files of a split: train = all but the last shard_*.parquet, val = the last."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    shards_dir = Path(shards_dir)
-    if not shards_dir.is_dir():
-        raise DataError(f"shards directory {shards_dir} does not exist")
-    paths = sorted(shards_dir.glob("shard_*.parquet"))
-    if len(paths) < 2:
-        raise DataError(f"{shards_dir} holds {len(paths)} shard_*.parquet file(s); need at least 2 (train + val)")
+    paths = find_shards(shards_dir)
     return paths[:-1] if split == "train" else paths[-1:]
 
 

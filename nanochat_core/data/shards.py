@@ -163,14 +163,6 @@ def download_shards(config: ShardsConfig, out_dir: str | Path) -> dict:
     return {**metrics, "fetched": fetched, "skipped": skipped}
 
 
-def list_shards(shards_dir: str | Path) -> list[Path]:
-    """The shard files of a shards artifact, in order; the last is validation."""
-    paths = sorted(Path(shards_dir).glob("shard_*.parquet"))
-    if len(paths) < 2:
-        raise DataError(f"{shards_dir} holds {len(paths)} shard(s); need at least 2 (train + val)")
-    return paths
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory for the shards")
