@@ -13,7 +13,6 @@ With --out holding checkpoints of an interrupted run, training resumes from the 
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat_core.checkpoint import save_final_model
-from nanochat_core.common import DistInfo, cleanup_distributed, emit_progress, init_distributed, print0
-from nanochat_core.config import ConfigError, add_config_arguments, config_from_args, config_to_dict
+from nanochat_core.common import DistInfo, emit_progress, init_distributed, print0
+from nanochat_core.config import ConfigError, config_to_dict
 from nanochat_core.dataloader import PretrainLoader
 from nanochat_core.device import mfu_percent, peak_flops
 from nanochat_core.gpt import config_for_depth
@@ -41,10 +39,10 @@ from nanochat_core.train.common import (
     muon_momentum,
     new_model,
     remember_initial_lrs,
-    run_cli,
     seed_everything,
     set_muon_momentum,
     setup_lrs,
+    training_main,
 )
 
 
@@ -209,20 +207,12 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
         "tok_per_s": round(num_iterations * config.total_batch_size / max(loop["train_seconds"], 1e-9)),
         "resumed_from_step": start,
     }
-    if d.is_master:
-        save_final_model(out_dir, model, {**meta(), "step": num_iterations, "val_bpb": loop["val_bpb"]})
-    session.write_metrics(metrics)
-    cleanup_distributed()
-    return metrics
+    return session.finish({**meta(), "step": num_iterations, "val_bpb": loop["val_bpb"]}, metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="directory of shard_*.parquet (the last is validation)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (Tokenizer.save)")
-    parser.add_argument("--out", required=True, help="output directory (resumes from its checkpoints)")
-    add_config_arguments(parser, BaseTrainConfig)
-    run_cli(parser, argv, lambda a: train(config_from_args(BaseTrainConfig, a), a.shards, a.tokenizer, a.out))
+    training_main(argv, __doc__, BaseTrainConfig, (("shards", "directory of shard_*.parquet (the last is validation)"),
+                  ("tokenizer", "tokenizer directory (Tokenizer.save)")), train)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ from nanochat_core.checkpoint import (
     load_rank_state,
     restore_rng_state,
     save_checkpoint,
+    save_final_model,
 )
 from nanochat_core.common import DistInfo, cleanup_distributed, emit_checkpoint, print0
-from nanochat_core.config import ConfigError
+from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
 from nanochat_core.data.sources import DataError
 from nanochat_core.gpt import GPT, GPTConfig
 from nanochat_core.tokenizer import TokenizerError
@@ -273,6 +274,14 @@ class Session:
         cleanup_distributed()
         raise Preempted(step, path)
 
+    def finish(self, final_meta: dict, metrics: dict) -> dict:
+        """The end of every training stage: final model (rank 0), then metrics.json last, then leave the group."""
+        if self.dist_info.is_master:
+            save_final_model(self.out_dir, self.model, final_meta)
+        self.write_metrics(metrics)
+        cleanup_distributed()
+        return metrics
+
     def write_metrics(self, metrics: dict) -> None:
         """metrics.json, rank 0, written atomically (the last file a stage writes); inf/nan become null."""
         if self.dist_info.is_master:
@@ -347,3 +356,14 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, run: Callab
     except (ConfigError, DataError, CheckpointError, TokenizerError) as e:
         parser.exit(2, f"error: {e}\n")
     print0(json.dumps(metrics))
+
+
+def training_main(argv: list[str] | None, doc: str, config_cls: type, inputs: tuple[tuple[str, str], ...],
+                  train: Callable[..., dict]) -> None:
+    """The CLI of a training stage: one required --<input> DIR per upstream, --out, and the config flags."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, help_text in inputs:
+        parser.add_argument(f"--{flag}", required=True, help=help_text)
+    parser.add_argument("--out", required=True, help="output directory (resumes from its checkpoints)")
+    add_config_arguments(parser, config_cls)
+    run_cli(parser, argv, lambda a: train(config_from_args(config_cls, a), *(getattr(a, f) for f, _ in inputs), a.out))

@@ -14,7 +14,6 @@ last, metrics.json {"val_loss", "val_bpb", "steps", "tokens", "train_seconds", "
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat_core import tasks
-from nanochat_core.checkpoint import save_final_model
-from nanochat_core.common import DistInfo, cleanup_distributed, emit_progress, init_distributed, print0
-from nanochat_core.config import ConfigError, add_config_arguments, config_from_args, config_to_dict
+from nanochat_core.common import DistInfo, emit_progress, init_distributed, print0
+from nanochat_core.config import ConfigError, config_to_dict
 from nanochat_core.dataloader import to_device_batch
 from nanochat_core.loss_eval import evaluate
 from nanochat_core.tokenizer import Tokenizer
@@ -42,10 +40,10 @@ from nanochat_core.train.common import (
     mid_lr_multiplier,
     muon_momentum,
     remember_initial_lrs,
-    run_cli,
     seed_everything,
     set_muon_momentum,
     setup_lrs,
+    training_main,
 )
 
 RENDER_MAX_TOKENS = 2048  # a conversation is cut at this many tokens (upstream's render default)
@@ -219,20 +217,12 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
         "tok_per_s": round(num_iterations * config.total_batch_size / max(loop["train_seconds"], 1e-9)),
         "resumed_from_step": start,
     }
-    if d.is_master:
-        save_final_model(out_dir, model, {**meta(), "step": num_iterations, "val_loss": loop["val_loss"]})
-    session.write_metrics(metrics)
-    cleanup_distributed()
-    return metrics
+    return session.finish({**meta(), "step": num_iterations, "val_loss": loop["val_loss"]}, metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="the base stage's output directory (model.pt + meta.json)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    parser.add_argument("--out", required=True, help="output directory (resumes from its checkpoints)")
-    add_config_arguments(parser, MidTrainConfig)
-    run_cli(parser, argv, lambda a: train(config_from_args(MidTrainConfig, a), a.base, a.tokenizer, a.out))
+    training_main(argv, __doc__, MidTrainConfig, (("base", "the base stage's output directory (model.pt + meta.json)"),
+                  ("tokenizer", "tokenizer directory")), train)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes model.pt + meta.json and, last, metrics.json {"val_loss", "val_bpb", "ste
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,8 @@ from pathlib import Path
 import torch
 
 from nanochat_core import tasks
-from nanochat_core.checkpoint import save_final_model
-from nanochat_core.common import cleanup_distributed, emit_progress, init_distributed, print0
-from nanochat_core.config import ConfigError, add_config_arguments, config_from_args, config_to_dict
+from nanochat_core.common import emit_progress, init_distributed, print0
+from nanochat_core.config import ConfigError, config_to_dict
 from nanochat_core.loss_eval import evaluate
 from nanochat_core.tokenizer import Tokenizer
 from nanochat_core.train.common import (
@@ -36,10 +34,10 @@ from nanochat_core.train.common import (
     check_device_type,
     load_upstream_model,
     remember_initial_lrs,
-    run_cli,
     seed_everything,
     setup_lrs,
     sft_lr_multiplier,
+    training_main,
 )
 
 
@@ -210,20 +208,12 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
         "train_seconds": round(loop["train_seconds"], 3),
         "resumed_from_step": start,
     }
-    if d.is_master:
-        save_final_model(out_dir, model, {**meta(), "step": num_iterations, "val_loss": loop["val_loss"]})
-    session.write_metrics(metrics)
-    cleanup_distributed()
-    return metrics
+    return session.finish({**meta(), "step": num_iterations, "val_loss": loop["val_loss"]}, metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mid", required=True, help="the mid stage's output directory (model.pt + meta.json)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    parser.add_argument("--out", required=True, help="output directory (resumes from its checkpoints)")
-    add_config_arguments(parser, SFTConfig)
-    run_cli(parser, argv, lambda a: train(config_from_args(SFTConfig, a), a.mid, a.tokenizer, a.out))
+    training_main(argv, __doc__, SFTConfig, (("mid", "the mid stage's output directory (model.pt + meta.json)"),
+                  ("tokenizer", "tokenizer directory")), train)
 
 
 if __name__ == "__main__":
