@@ -9,9 +9,10 @@ Each step is timed in four phases, with the device synchronised between them (wh
 the overlap a training run has, so the shares are of a slightly serialised step):
   data     getting the next (x, y) batch onto the device (random tokens, or --shards/--tokenizer: the real loader)
   fwd+bwd  forward pass and backward pass of one micro-batch
-  optim    the optimizers' step (AdamW + Muon; under torchrun the sharded ones, collectives included)
-  comm     0 on one process; under torchrun an estimate: an all_reduce of every gradient, timed alone after the
-           run (the same bytes the optimizers' reduce-scatter + all-gather move), reported beside the step
+  optim    the optimizers' own work (AdamW + Muon updates; under torchrun on this rank's shard)
+  comm     under torchrun: the time the sharded optimizers spend blocked on their reduce-scatters and
+           all-gathers (measured inside the step by their CommClock: the communication the overlap with the
+           updates did not hide); 0 on one process
 The first --warmup steps (compilation, allocator warmup) are not timed. MFU needs a GPU in
 nanochat_core.device's peak table; elsewhere it is omitted. --compare runs a peer configuration in the same
 process and prints the ratios: `compile` (eager vs torch.compile) or `threads` (1 thread vs --threads, CPU).
@@ -28,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,7 +39,7 @@ from nanochat_core.gpt import config_for_depth  # noqa: E402
 from nanochat_core.tokenizer import Tokenizer  # noqa: E402
 from nanochat_core.train.common import autocast_context, new_model, remember_initial_lrs, seed_everything  # noqa: E402
 
-PHASES = ("data", "fwd_bwd", "optim")
+PHASES = ("data", "fwd_bwd", "optim", "comm")
 
 
 def sync(device: torch.device) -> None:
@@ -72,6 +72,9 @@ def run_once(args, d: DistInfo, compile_model: bool) -> dict:
     model = new_model(config_for_depth(args.depth, vocab_size, args.seq_len), d.device)
     optimizers = model.setup_optimizers()
     remember_initial_lrs(optimizers)
+    clocks = [opt.comm for opt in optimizers if hasattr(opt, "comm")]  # only the sharded optimizers have one
+    for clock in clocks:
+        clock.enabled = True
     fwd = torch.compile(model, dynamic=False) if compile_model else model
     autocast = autocast_context(d.device)
     totals = dict.fromkeys(PHASES, 0.0)
@@ -91,7 +94,10 @@ def run_once(args, d: DistInfo, compile_model: bool) -> dict:
         model.zero_grad(set_to_none=True)
         sync(d.device)
         t3 = time.perf_counter()
-        times = {"data": t1 - t0, "fwd_bwd": t2 - t1, "optim": t3 - t2}
+        comm = sum(clock.seconds for clock in clocks)
+        for clock in clocks:
+            clock.seconds = 0.0
+        times = {"data": t1 - t0, "fwd_bwd": t2 - t1, "optim": t3 - t2 - comm, "comm": comm}
         if step >= args.warmup:
             for k in PHASES:
                 totals[k] += times[k]
@@ -105,31 +111,14 @@ def run_once(args, d: DistInfo, compile_model: bool) -> dict:
     }
     mfu = mfu_percent(model.estimate_flops(), tokens, step_s, peak_flops(d.device), d.world_size)
     result["mfu"] = None if mfu is None else round(mfu, 2)
-    result["comm_ms"] = round(1000 * comm_seconds(model, d), 2)
+    result["comm_ms"] = round(1000 * totals["comm"] / args.steps, 2)
     return result
-
-
-def comm_seconds(model: torch.nn.Module, d: DistInfo, repeats: int = 3) -> float:
-    """0 on one process; else the median time of an all_reduce of all gradients (as one flat fp32 buffer)."""
-    if not d.is_distributed:
-        return 0.0
-    flat = torch.zeros(model.num_params(), dtype=torch.float32, device=d.device)
-    times = []
-    for _ in range(repeats + 1):  # the first one warms the communicator up
-        dist.barrier()
-        sync(d.device)
-        t0 = time.perf_counter()
-        dist.all_reduce(flat)
-        sync(d.device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[repeats // 2]
 
 
 def describe(label: str, r: dict) -> str:
     mfu = "n/a (no known peak for this device)" if r["mfu"] is None else f"{r['mfu']:.2f}%"
     shares = ", ".join(f"{k} {100 * r[f'{k}_share']:.1f}%" for k in PHASES)
-    return (f"{label}: {r['tok_per_s']:,} tok/s, {r['step_ms']:.1f} ms/step, MFU {mfu}; {shares}; "
-            f"comm {r['comm_ms']:.1f} ms (alone)")
+    return f"{label}: {r['tok_per_s']:,} tok/s, {r['step_ms']:.1f} ms/step, MFU {mfu}; {shares}"
 
 
 def main(argv: list[str] | None = None) -> None:

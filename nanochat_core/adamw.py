@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nanochat_core.common import CommClock
+
 # torch >= 2.15 renamed the *_tensor collectives (the old names warn); same signatures
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -42,6 +44,7 @@ class DistAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01):
         super().__init__(param_groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.comm = CommClock()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -60,7 +63,7 @@ class DistAdamW(torch.optim.Optimizer):
                 pending.append((work, group, p, out, sharded))
         gathers = []
         for work, group, p, grad, sharded in pending:
-            work.wait()
+            self.comm.wait(work, p.device)
             beta1, beta2 = group["betas"]
             hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
             if sharded:
@@ -71,4 +74,4 @@ class DistAdamW(torch.optim.Optimizer):
             else:
                 adamw_update(p, grad, self.state[p], *hyper)
         for work in gathers:
-            work.wait()
+            self.comm.wait(work, p.device)

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,30 @@ class DistInfo:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+
+class CommClock:
+    """Seconds this rank spends blocked on collectives: the communication that overlap did not hide.
+
+    Off by default: on CUDA, timing a wait needs a device sync before and after it, which costs
+    throughput, so only benchmarks switch it on (bench/train.py)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.seconds = 0.0
+
+    def wait(self, work: dist.Work, device: torch.device) -> None:
+        if not self.enabled:
+            work.wait()
+            return
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)  # queued compute is not communication
+        t0 = time.perf_counter()
+        work.wait()
+        if cuda:
+            torch.cuda.synchronize(device)  # on CUDA wait() only orders streams
+        self.seconds += time.perf_counter() - t0
 
 
 def autodetect_device_type() -> str:

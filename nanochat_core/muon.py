@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nanochat_core.common import CommClock
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -86,6 +88,7 @@ class DistMuon(torch.optim.Optimizer):
         for group in groups:
             group["zero_buffer"] = torch.zeros_like(group["params"][0])
         super().__init__(groups, defaults)
+        self.comm = CommClock()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -103,7 +106,7 @@ class DistMuon(torch.optim.Optimizer):
                 pending.append((work, group, base, owned, out))
         gathers = []
         for work, group, base, owned, grad in pending:
-            work.wait()
+            self.comm.wait(work, grad.device)
             if owned is not None:
                 state = self.state[owned]
                 if "momentum_buffer" not in state:
@@ -116,7 +119,7 @@ class DistMuon(torch.optim.Optimizer):
             source = owned if owned is not None else zero
             gathers.append(dist.all_gather(outputs, source.contiguous(), async_op=True))
         for work in gathers:
-            work.wait()
+            self.comm.wait(work, zero.device)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
