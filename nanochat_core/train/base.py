@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat_core.common import DistInfo, emit_progress, init_distributed, print0
+from nanochat_core.common import DistInfo, init_distributed, print0
 from nanochat_core.config import ConfigError, config_to_dict
 from nanochat_core.dataloader import PretrainLoader
 from nanochat_core.device import mfu_percent, peak_flops
@@ -38,10 +38,10 @@ from nanochat_core.train.common import (
     maybe_compile,
     muon_momentum,
     new_model,
+    optimizer_step,
     remember_initial_lrs,
+    report_step,
     seed_everything,
-    set_muon_momentum,
-    setup_lrs,
     training_main,
 )
 
@@ -178,21 +178,12 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
                 loader_state = loader.state_dict()
                 x, y = next(loader)  # fetch the next batch while the device works
             lrm = lr_multiplier(step, num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
-            setup_lrs(optimizers, lrm)
-            set_muon_momentum(optimizers, muon_momentum(step))
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizers, lrm, muon_momentum(step))
             loss_value = (train_loss / grad_accum).item()
             dt = time.time() - t0
             loop["train_seconds"] += dt
-            progress = {"loss": round(loss_value, 5), "lr": round(lrm, 5),
-                        "tok_per_s": round(config.total_batch_size / dt), "dt": round(dt, 4)}
-            mfu = mfu_percent(flops_per_token, config.total_batch_size, dt, peak, d.world_size)
-            if mfu is not None:
-                progress["mfu"] = round(mfu, 2)
-            emit_progress(step + 1, num_iterations, **progress)
-            wandb.log(step + 1, **progress)
+            report_step(step, num_iterations, wandb, loss_value, lrm, config.total_batch_size, dt,
+                        mfu_percent(flops_per_token, config.total_batch_size, dt, peak, d.world_size))
 
     loader.close()
     if d.is_distributed:

@@ -43,7 +43,7 @@ from nanochat_core.checkpoint import (
     save_checkpoint,
     save_final_model,
 )
-from nanochat_core.common import DistInfo, cleanup_distributed, emit_checkpoint, print0
+from nanochat_core.common import DistInfo, cleanup_distributed, emit_checkpoint, emit_progress, print0
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
 from nanochat_core.data.sources import DataError
 from nanochat_core.gpt import GPT, GPTConfig
@@ -113,6 +113,27 @@ def set_muon_momentum(optimizers: list[torch.optim.Optimizer], momentum: float) 
         for group in opt.param_groups:
             if "momentum" in group:
                 group["momentum"] = momentum
+
+
+def optimizer_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], lrm: float,
+                   momentum: float | None = None) -> None:
+    """This step's LRs (and Muon momentum, when scheduled), every optimizer's step, then drop the grads."""
+    setup_lrs(optimizers, lrm)
+    if momentum is not None:
+        set_muon_momentum(optimizers, momentum)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+def report_step(step: int, num_iterations: int, wandb: WandbLog, loss: float, lrm: float, tokens: int, dt: float,
+                mfu: float | None = None) -> None:
+    """One finished optimizer step as structured progress (console/flow) and to W&B."""
+    progress = {"loss": round(loss, 5), "lr": round(lrm, 5), "tok_per_s": round(tokens / dt), "dt": round(dt, 4)}
+    if mfu is not None:
+        progress["mfu"] = round(mfu, 2)
+    emit_progress(step + 1, num_iterations, **progress)
+    wandb.log(step + 1, **progress)
 
 
 # ---------------------------------------------------------------------------------------------

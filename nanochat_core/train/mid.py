@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat_core import tasks
-from nanochat_core.common import DistInfo, emit_progress, init_distributed, print0
+from nanochat_core.common import DistInfo, init_distributed, print0
 from nanochat_core.config import ConfigError, config_to_dict
 from nanochat_core.dataloader import to_device_batch
 from nanochat_core.loss_eval import evaluate
@@ -39,10 +39,10 @@ from nanochat_core.train.common import (
     maybe_compile,
     mid_lr_multiplier,
     muon_momentum,
+    optimizer_step,
     remember_initial_lrs,
+    report_step,
     seed_everything,
-    set_muon_momentum,
-    setup_lrs,
     training_main,
 )
 
@@ -195,18 +195,11 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
                 loader_state = loader.state_dict()
                 x, y = next(loader)
             lrm = mid_lr_multiplier(step, num_iterations)
-            setup_lrs(optimizers, lrm)
-            set_muon_momentum(optimizers, muon_momentum(step))
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizers, lrm, muon_momentum(step))
             loss_value = (train_loss / grad_accum).item()
             dt = time.time() - t0
             loop["train_seconds"] += dt
-            progress = {"loss": round(loss_value, 5), "lr": round(lrm, 5),
-                        "tok_per_s": round(config.total_batch_size / dt), "dt": round(dt, 4)}
-            emit_progress(step + 1, num_iterations, **progress)
-            wandb.log(step + 1, **progress)
+            report_step(step, num_iterations, wandb, loss_value, lrm, config.total_batch_size, dt)
 
     metrics = {
         "val_loss": loop["val_loss"],

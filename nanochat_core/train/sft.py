@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanochat_core import tasks
-from nanochat_core.common import emit_progress, init_distributed, print0
+from nanochat_core.common import init_distributed, print0
 from nanochat_core.config import ConfigError, config_to_dict
 from nanochat_core.loss_eval import evaluate
 from nanochat_core.tokenizer import Tokenizer
@@ -33,9 +33,10 @@ from nanochat_core.train.common import (
     autocast_context,
     check_device_type,
     load_upstream_model,
+    optimizer_step,
     remember_initial_lrs,
+    report_step,
     seed_everything,
-    setup_lrs,
     sft_lr_multiplier,
     training_main,
 )
@@ -187,18 +188,12 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
                 (loss / max(1, n_targets)).backward()  # mean over the step's supervised tokens; never NaN
                 loss_sum += loss.detach()
             lrm = sft_lr_multiplier(step, num_iterations)
-            setup_lrs(optimizers, lrm)
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizers, lrm)
             loss_value = loss_sum.item() / max(1, n_targets)
             dt = time.time() - t0
             loop["train_seconds"] += dt
             tokens = sum(x.numel() for x, _ in micro) * d.world_size
-            progress = {"loss": round(loss_value, 5), "lr": round(lrm, 5), "tok_per_s": round(tokens / dt),
-                        "dt": round(dt, 4)}
-            emit_progress(step + 1, num_iterations, **progress)
-            wandb.log(step + 1, **progress)
+            report_step(step, num_iterations, wandb, loss_value, lrm, tokens, dt)
 
     metrics = {
         "val_loss": loop["val_loss"],
