@@ -87,9 +87,10 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
     """(B, V) logits -> (B, 1) token ids. temperature 0 is greedy; top_k 0/None and top_p None/1 disable those."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0.0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that it is 0 in float32: greedy
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # <= 0, so a tiny temperature cannot overflow
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -113,24 +114,26 @@ class RowState:
 
 
 class IncrementalDecoder:
-    """Text deltas of a growing token list that never split a UTF-8 character: decode all tokens so far and
-    hold back while the text ends in U+FFFD (the first bytes of a character whose rest is still to come)."""
+    """Text deltas of a growing token list that never split a UTF-8 character. The tokens since the text was
+    last whole are decoded, and held back while they end in U+FFFD (the first bytes of a character whose rest
+    is still to come); so a token costs the length of that tail, not of the whole reply."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.tokens, self.text = tokenizer, [], ""
+        self.start = 0  # tokens[:start] are in self.text
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        return "" if text.endswith("\ufffd") else self._delta(text)
+        tail = self.tokenizer.decode(self.tokens[self.start:])
+        return "" if tail.endswith("\ufffd") else self._commit(tail)
 
     def flush(self) -> str:
         """Whatever is held back (at the end of a reply, an incomplete character is shown as U+FFFD)."""
-        return self._delta(self.tokenizer.decode(self.tokens))
+        return self._commit(self.tokenizer.decode(self.tokens[self.start:]))
 
-    def _delta(self, text: str) -> str:
-        delta, self.text = text[len(self.text):], text
-        return delta
+    def _commit(self, tail: str) -> str:
+        self.text, self.start = self.text + tail, len(self.tokens)
+        return tail
 
 
 class Engine:

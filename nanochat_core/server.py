@@ -2,18 +2,20 @@
 
     python -m nanochat_core.server --model DIR --tokenizer DIR [--host 127.0.0.1] [--port 8000]
         [--temperature 0.8] [--top-k 50] [--max-tokens 512] [--device-type cuda|cpu|mps] [--api-key KEY]
+        [--num-replicas 0] [--max-batch 32]
 
 GET /                       the chat UI (ui.html)
 GET /health                 {"status": "ok", "ready": true, ...} (no API key needed)
-GET /stats                  request and token counters
+GET /stats                  request, token and tokens/s counters, queue depth; in all and per replica
 POST /chat/completions      nanochat's SSE stream: data: {"token": "..."} ... data: {"done": true}
-POST /v1/chat/completions   OpenAI chat completions (stream or not); GET /v1/models
+POST /v1/chat/completions   OpenAI chat completions (stream or not, n choices, stop strings); GET /v1/models
 
 Bad requests get status 400 with OpenAI's error shape ({"error": {message, type, param, code}}), never a
-422 or a 5xx (the openai client retries those). Generation runs on a worker thread, so the event loop keeps
-answering /health and streaming; a lock lets one request use the model at a time (continuous batching will
-replace it). A client that disconnects stops its generation at the next token. With --api-key (or
-$NANOCHAT_API_KEY) every endpoint except / and /health wants `Authorization: Bearer KEY`.
+422 or a 5xx (the openai client retries those); see chat_request.py. Requests are decoded together: each
+model replica (one per GPU) runs a continuous-batching loop on its own thread (batching.py), so the event
+loop keeps answering /health and streaming while it works. A client that disconnects, queued or
+generating, frees its batch slot before the next decode step. With --api-key (or $NANOCHAT_API_KEY)
+every endpoint except / and /health wants `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,8 @@ import hmac
 import json
 import logging
 import os
-import re
 import secrets
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,22 +37,19 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from nanochat_core.batching import Job, Replica, Router, build_router
+from nanochat_core.chat_request import ChatRequest, RequestError, StopText, parse_chat_request
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
-from nanochat_core.engine import Engine, IncrementalDecoder
-from nanochat_core.train.common import autocast_context
+from nanochat_core.engine import IncrementalDecoder
 
 logger = logging.getLogger("nanochat.server")
 
-MAX_MESSAGES = 500
-MAX_MESSAGE_CHARS = 8000
-MAX_TOTAL_CHARS = 32000
 MAX_BODY_BYTES = 1 << 20
-MAX_QUEUED = 64  # requests waiting for the model beyond this get 429
+MAX_QUEUED = 64  # jobs waiting for a batch slot (on all replicas) beyond this get 429
 UI_PATH = Path(__file__).with_name("ui.html")
-TOOL_PART = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>", re.S)
 
 
 @dataclass(frozen=True)
@@ -64,6 +61,8 @@ class ServeConfig:
     max_tokens: int = 512
     device_type: str = ""  # "" = autodetect (cuda > mps > cpu)
     api_key: str = ""  # "" = no authentication
+    num_replicas: int = 0  # model replicas; 0 = one per GPU on CUDA, 1 elsewhere
+    max_batch: int = 32  # rows one replica decodes together; more wait in its queue
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -76,274 +75,162 @@ class ServeConfig:
             raise ConfigError(f"ServeConfig.max_tokens must be >= 1, got {self.max_tokens}")
         if self.device_type not in ("", "cpu", "cuda", "mps"):
             raise ConfigError(f"ServeConfig.device_type must be '', 'cpu', 'cuda' or 'mps', got {self.device_type!r}")
-
-
-class RequestError(Exception):
-    """A request we refuse; becomes an OpenAI-shaped error response."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        if not 0 <= self.num_replicas <= 64:
+            raise ConfigError(f"ServeConfig.num_replicas must be in [0, 64] (0 = one per GPU), got {self.num_replicas}")
+        if not 1 <= self.max_batch <= 1024:
+            raise ConfigError(f"ServeConfig.max_batch must be in [1, 1024], got {self.max_batch}")
 
 
 # -----------------------------------------------------------------------------
-# requests
-
-@dataclass(frozen=True)
-class ChatRequest:
-    prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float | None
-    seed: int
-    stream: bool
-    include_usage: bool
-
-
-def _message_text(content, i: int) -> str:
-    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise RequestError(f"messages[{i}].content must be a string", f"messages[{i}].content")
-    if not content.strip():
-        raise RequestError(f"messages[{i}].content is empty", f"messages[{i}].content")
-    if len(content) > MAX_MESSAGE_CHARS:
-        raise RequestError(f"messages[{i}].content has {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}",
-                           f"messages[{i}].content")
-    return content
-
-
-def _assistant_content(text: str) -> str | list[dict]:
-    """Turn the tool markers that the server streams as text back into python / python_output parts."""
-    parts, at = [], 0
-    for m in TOOL_PART.finditer(text):
-        if m.start() > at:
-            parts.append({"type": "text", "text": text[at:m.start()]})
-        kind = "python" if m.group(1) is not None else "python_output"
-        parts.append({"type": kind, "text": m.group(1) if m.group(1) is not None else m.group(2)})
-        at = m.end()
-    if not parts:
-        return text
-    if at < len(text):
-        parts.append({"type": "text", "text": text[at:]})
-    return parts
-
-
-def parse_messages(messages) -> list[dict]:
-    """Validated messages: an optional system message, then user/assistant alternating, ending with user."""
-    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
-        raise RequestError(f"messages must be a list of 1 to {MAX_MESSAGES} messages", "messages")
-    out, total = [], 0
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RequestError(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
-        role = "system" if message.get("role") == "developer" else message.get("role")
-        text = _message_text(message.get("content"), i)
-        total += len(text)
-        turn = i - 1 if out and out[0]["role"] == "system" else i  # position after the system message
-        expected = ("system", "user") if i == 0 else ("user",) if turn % 2 == 0 else ("assistant",)
-        if role not in expected:
-            raise RequestError(f"messages[{i}] has role {role!r} but should be {' or '.join(map(repr, expected))} "
-                               "(roles alternate user/assistant after an optional first system message)",
-                               f"messages[{i}].role")
-        out.append({"role": role, "content": _assistant_content(text) if role == "assistant" else text})
-    if total > MAX_TOTAL_CHARS:
-        raise RequestError(f"the messages have {total} characters in all; the limit is {MAX_TOTAL_CHARS}", "messages")
-    if out[-1]["role"] != "user":
-        raise RequestError("the last message must be from the user", "messages")
-    return out
-
-
-def _number(body: dict, name: str, default, low, high, integer: bool = False):
-    """body[name] (default if absent or null), checked to be a number (an int if `integer`) in [low, high]."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if integer:
-        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-    else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-    if not ok:  # NaN fails the range check too
-        raise RequestError(f"{name} must be {'an integer' if integer else 'a number'} in [{low}, {high}], "
-                           f"got {value!r}", name)
-    return value
-
-
-def parse_chat_request(body, tokenizer, seq_len: int, config: ServeConfig, openai: bool) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    messages = parse_messages(body.get("messages"))
-    vocab = tokenizer.get_vocab_size()
-    temperature = float(_number(body, "temperature", config.temperature, 0.0, 2.0))
-    top_k = _number(body, "top_k", min(config.top_k, vocab), 0, vocab, integer=True)
-    top_p = _number(body, "top_p", None, 0.0, 1.0)
-    if top_p == 0:
-        raise RequestError("top_p must be in (0, 1]", "top_p")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, None, 1, seq_len, integer=True)
-    seed = _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
-    _number(body, "n", 1, 1, 1, integer=True)  # one choice per request
-    stream = body.get("stream", False) if openai else True
-    if not isinstance(stream, bool):
-        raise RequestError("stream must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("stream_options must be an object", "stream_options")
-    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
-    room = seq_len - len(prompt)
-    if max_tokens is None:
-        max_tokens = min(config.max_tokens, room)
-    if max_tokens < 1 or max_tokens > room:
-        raise RequestError(
-            f"This model's maximum context length is {seq_len} tokens. However, you requested "
-            f"{len(prompt) + max(max_tokens, 1)} tokens ({len(prompt)} in the messages, {max(max_tokens, 1)} in the "
-            "completion). Please reduce the length of the messages or completion.", "messages",
-            "context_length_exceeded")
-    seed = secrets.randbelow(2**31) if seed is None else seed % 2**63
-    return ChatRequest(prompt, max_tokens, temperature, top_k, top_p, seed, stream,
-                       bool(options.get("include_usage")))
-
-
-# -----------------------------------------------------------------------------
-# generation on a worker thread
-
-class ModelWorker:
-    """Owns the engine; generations run one at a time (self.lock) on worker threads."""
-
-    def __init__(self, model, tokenizer):
-        self.engine = Engine(model, tokenizer)
-        self.device = next(model.parameters()).device
-        self.stop_tokens = {self.engine.assistant_end, self.engine.bos}
-        self.lock = threading.Lock()
-        self.stats_lock = threading.Lock()
-        self.stats = {"requests_total": 0, "requests_active": 0, "requests_queued": 0, "requests_disconnected": 0,
-                      "tokens_generated": 0}
-
-    def count(self, **deltas: int) -> None:
-        with self.stats_lock:
-            for key, delta in deltas.items():
-                self.stats[key] += delta
-
-    def generate(self, req: ChatRequest, stop: threading.Event, emit) -> str:
-        """Blocking: emit(token) for each generated token; returns the finish reason (stop/length/cancelled)."""
-        self.count(requests_total=1, requests_queued=1)
-        with self.lock:
-            self.count(requests_queued=-1, requests_active=1)
-            try:
-                if stop.is_set():
-                    return "cancelled"
-                steps = self.engine.generate(req.prompt, 1, max_tokens=req.max_tokens, temperature=req.temperature,
-                                             top_k=req.top_k, top_p=req.top_p, seed=req.seed)
-                with autocast_context(self.device), contextlib.closing(steps):
-                    for column, _ in steps:
-                        self.count(tokens_generated=1)
-                        if column[0] in self.stop_tokens:
-                            return "stop"
-                        emit(column[0])
-                        if stop.is_set():
-                            return "cancelled"
-                return "length"
-            finally:
-                self.count(requests_active=-1)
-
+# generation: requests become jobs on the replicas' decode loops
 
 class Generation:
-    """One request's generation: runs ModelWorker.generate on a thread, hands tokens to the event loop."""
+    """One request's n choices, each a Job on the least busy replica; their events come back to this event loop."""
 
-    def __init__(self, worker: ModelWorker, req: ChatRequest):
-        self.worker, self.req = worker, req
-        self.stop = threading.Event()
-        self.finish_reason = "cancelled"
-        self.tokens: list[int] = []
+    def __init__(self, router: Router, req: ChatRequest):
+        self.router, self.req = router, req
+        self.tokens: list[list[int]] = [[] for _ in range(req.n)]  # each choice's, up to a stop string
+        self.finish_reasons: list[str | None] = [None] * req.n
+        self.placed: list[tuple[Job, Replica]] = []
 
-    async def stream(self) -> AsyncIterator[int]:
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    def stop(self, i: int) -> None:
+        """End choice i now (its text reached a stop string); its batch slot is freed."""
+        job, replica = self.placed[i]
+        replica.cancel(job, "requests_served")
+        self.finish_reasons[i] = "stop"
 
-        def put(item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone (shutdown): stop generating
-                self.stop.set()
+    async def stream(self) -> AsyncIterator[list[tuple[int, int | None]]]:
+        """Lists of (choice, token) as tokens arrive, with (choice, None) when a choice ends (see finish_reasons).
+        Each list holds all that arrived since the last, so a busy server sends fewer, larger chunks. Leaving
+        early (the client went away) cancels the choices still running."""
+        loop, queue, req = asyncio.get_running_loop(), asyncio.Queue(), self.req
 
-        def run() -> None:
-            try:
-                put(("done", self.worker.generate(self.req, self.stop, lambda t: put(("token", t)))))
-            except Exception as e:  # handed to the request, which reports it
-                put(("error", e))
+        def emitter(i: int, job: Job):
+            def emit(kind: str, value) -> None:  # on a replica's thread
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, kind, value))
+                except RuntimeError:  # the event loop is gone (shutdown): stop generating
+                    job.cancelled = "requests_disconnected"
+            return emit
 
         started = time.perf_counter()
-        threading.Thread(target=run, name="nanochat-generate", daemon=True).start()
+        for i in range(req.n):
+            job = Job(req.prompt, req.max_tokens, req.temperature, req.top_k, req.top_p, (req.seed + i) % 2**63)
+            job.emit = emitter(i, job)
+            self.placed.append((job, self.router.submit(job)))
         try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "token":
-                    self.tokens.append(value)
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    self.finish_reason = value
-                    return
+            while None in self.finish_reasons:
+                events, batch = [await queue.get()], []
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                for i, kind, value in events:
+                    if self.finish_reasons[i] is not None:  # ended by a stop string; late events
+                        continue
+                    if kind == "error":
+                        raise value
+                    if kind == "done":
+                        self.finish_reasons[i] = value
+                    batch.append((i, value if kind == "token" else None))
+                yield batch
         finally:
-            self.stop.set()  # the client went away, or we are done: the worker stops at its next token
-            if self.finish_reason == "cancelled":
-                self.worker.count(requests_disconnected=1)
-            seconds = time.perf_counter() - started
-            logger.info(f"prompt {len(self.req.prompt)} tok, generated {len(self.tokens)} tok in {seconds:.2f}s "
-                        f"({self.finish_reason})")
+            for (job, replica), reason in zip(self.placed, self.finish_reasons, strict=True):
+                if reason is None:
+                    replica.cancel(job)
+            reasons = ", ".join(r or "cancelled" for r in self.finish_reasons)
+            logger.info(f"prompt {len(req.prompt)} tok, generated {sum(map(len, self.tokens))} tok in "
+                        f"{time.perf_counter() - started:.2f}s ({reasons})")
 
-    async def collect(self, request: Request) -> list[int]:
-        """All tokens (no streaming); stops early if the client disconnects."""
 
-        async def watch() -> None:
-            while not await request.is_disconnected():
-                await asyncio.sleep(0.25)
-            self.stop.set()
+class ChoiceText:
+    """A choice's text as deltas: whole UTF-8 characters only, and nothing from its first stop string on."""
 
-        watcher = asyncio.create_task(watch())
-        try:
-            async for _ in self.stream():
-                pass
-        finally:
-            watcher.cancel()
-        return self.tokens
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.decoder, self.stops, self.ended = IncrementalDecoder(tokenizer), StopText(stops), False
+
+    def push(self, token: int) -> str:
+        return self.stops.push(self.decoder.push(token))
+
+    def flush(self) -> str:
+        return self.stops.push(self.decoder.flush()) + self.stops.flush()
+
+
+async def text_deltas(gen: Generation, tokenizer) -> AsyncIterator[list[tuple[int, str | None]]]:
+    """Per batch of tokens: (choice, text delta) for each choice whose text grew, then (choice, None) for each
+    choice that ended (at its stop token, max_tokens or a stop string). Counts each choice's tokens."""
+    texts = [ChoiceText(tokenizer, gen.req.stop) for _ in range(gen.req.n)]
+    async for events in gen.stream():
+        grown: dict[int, str] = {}
+        ended = []
+        for i, token in events:
+            text = texts[i]
+            if text.ended:  # stopped by a stop string earlier in this batch
+                continue
+            if token is None:
+                delta, text.ended = text.flush(), True
+            else:
+                gen.tokens[i].append(token)
+                delta = text.push(token)
+                if text.stops.stopped:
+                    gen.stop(i)
+                    text.ended = True
+            grown[i] = grown.get(i, "") + delta
+            if text.ended:
+                ended.append(i)
+        yield [(i, delta) for i, delta in grown.items() if delta] + [(i, None) for i in ended]
+
+
+async def collect(gen: Generation, tokenizer, request: Request) -> list[str]:
+    """Every choice's whole text (no streaming); stops early, freeing the rows, if the client disconnects."""
+    texts = [""] * gen.req.n
+
+    async def consume() -> None:
+        async for batch in text_deltas(gen, tokenizer):
+            for i, delta in batch:
+                texts[i] += delta or ""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(watch())
+    try:
+        await asyncio.wait([consumer, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():  # the client left: cancelling the consumer cancels its jobs
+            consumer.cancel()
+    await asyncio.wait([consumer])
+    if not consumer.cancelled() and consumer.exception() is not None:
+        raise consumer.exception()
+    return texts
 
 
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def text_deltas(gen: Generation, tokenizer) -> AsyncIterator[str]:
-    decoder = IncrementalDecoder(tokenizer)
-    async for token in gen.stream():
-        if delta := decoder.push(token):
-            yield delta
-    if tail := decoder.flush():
-        yield tail
-
-
 # -----------------------------------------------------------------------------
 # the app
 
 def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
+    """The app over `model` (replicated as config.num_replicas says); its decode threads stop at shutdown."""
     config = config or ServeConfig()
     config.validate()
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"tokenizer vocab {tokenizer.get_vocab_size()} exceeds the model's {model.config.vocab_size}")
-    worker = ModelWorker(model, tokenizer)
+    router = build_router(model, tokenizer, config.num_replicas, config.max_batch)
     seq_len = model.config.sequence_len
     model_id = f"nanochat-d{model.config.n_layer}"
+    devices = ", ".join(dict.fromkeys(str(r.device) for r in router.replicas))
     started = time.time()
-    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker = worker
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await asyncio.to_thread(router.close)
+
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.router = router
 
     @app.exception_handler(RequestError)
     async def request_error(_request, e: RequestError):
@@ -378,13 +265,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nesting deep enough to blow the stack
             raise RequestError(f"could not parse the JSON body: {e}") from None
         req = parse_chat_request(body, tokenizer, seq_len, config, openai)
-        if worker.stats["requests_queued"] >= MAX_QUEUED:
+        if sum(len(r.pending) for r in router.replicas) >= MAX_QUEUED:
             raise RequestError("the server is busy; try again shortly", None, "rate_limit_exceeded", status=429,
                                kind="rate_limit_error")
         return req
 
     def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream",
+        return StreamingResponse(stream_errors(events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def stream_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -405,14 +292,15 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "ready": True, "model": model_id, "device": str(worker.device),
-                "busy": worker.stats["requests_active"] > 0, "auth": bool(config.api_key)}
+        busy = any(r.rows for r in router.replicas)
+        return {"status": "ok", "ready": True, "model": model_id, "device": devices,
+                "replicas": len(router.replicas), "busy": busy, "auth": bool(config.api_key)}
 
     @app.get("/stats")
     async def stats(request: Request):
         authorize(request)
-        return {**worker.stats, "uptime_s": round(time.time() - started, 1), "model": model_id,
-                "device": str(worker.device), "model_config": dict(vars(model.config)),
+        return {**router.stats(), "uptime_s": round(time.time() - started, 1), "model": model_id,
+                "device": devices, "model_config": dict(vars(model.config)),
                 "defaults": {"temperature": config.temperature, "top_k": config.top_k, "max_tokens": config.max_tokens}}
 
     @app.get("/v1/models")
@@ -423,45 +311,49 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/chat/completions")
     async def chat(request: Request):
-        gen = Generation(worker, await read_chat_request(request, openai=False))
+        gen = Generation(router, await read_chat_request(request, openai=False))
 
         async def events() -> AsyncIterator[str]:
-            async for delta in text_deltas(gen, tokenizer):
-                yield sse({"token": delta})
+            async for batch in text_deltas(gen, tokenizer):
+                for _, delta in batch:
+                    if delta:
+                        yield sse({"token": delta})
             yield sse({"done": True})
 
-        return event_stream(stream_errors(events()))
+        return event_stream(events())
 
     @app.post("/v1/chat/completions")
     async def openai_chat(request: Request):
         req = await read_chat_request(request, openai=True)
-        gen = Generation(worker, req)
+        gen = Generation(router, req)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_id}
 
         def usage() -> dict:
-            return {"prompt_tokens": len(req.prompt), "completion_tokens": len(gen.tokens),
-                    "total_tokens": len(req.prompt) + len(gen.tokens)}
+            completion = sum(map(len, gen.tokens))
+            return {"prompt_tokens": len(req.prompt), "completion_tokens": completion,
+                    "total_tokens": len(req.prompt) + completion}
 
         if not req.stream:
-            tokens = await gen.collect(request)
-            message = {"role": "assistant", "content": tokenizer.decode(tokens)}
-            return {**head, "object": "chat.completion", "usage": usage(),
-                    "choices": [{"index": 0, "message": message, "finish_reason": gen.finish_reason}]}
+            texts = await collect(gen, tokenizer, request)
+            choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                        "finish_reason": gen.finish_reasons[i]} for i, text in enumerate(texts)]
+            return {**head, "object": "chat.completion", "usage": usage(), "choices": choices}
 
-        def chunk(delta: dict, finish_reason: str | None = None) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        def chunk(i: int, delta: dict, finish_reason: str | None = None) -> str:
+            choice = {"index": i, "delta": delta, "finish_reason": finish_reason}
             return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
         async def events() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""})
-            async for delta in text_deltas(gen, tokenizer):
-                yield chunk({"content": delta})
-            yield chunk({}, gen.finish_reason)
+            for i in range(req.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async for batch in text_deltas(gen, tokenizer):
+                for i, delta in batch:
+                    yield chunk(i, {"content": delta}) if delta is not None else chunk(i, {}, gen.finish_reasons[i])
             if req.include_usage:
                 yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
 
-        return event_stream(stream_errors(events()))
+        return event_stream(events())
 
     return app
 
@@ -494,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"nanochat server: error: {e}")
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         logger.warning(f"serving on {config.host} without an API key: anyone who can reach it can use the model")
-    logger.info(f"serving {args.model} on {device} at http://{config.host}:{config.port}")
+    replicas = app.state.router.replicas
+    logger.info(f"serving {args.model} at http://{config.host}:{config.port} with {len(replicas)} replica(s) on "
+                f"{', '.join(str(r.device) for r in replicas)}, up to {config.max_batch} rows each")
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
 
 

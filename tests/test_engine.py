@@ -3,11 +3,17 @@ calculator's safety. Models are tiny real GPTs: random ones, and a hand-wired on
 chosen token chain (blocks are identity because init_weights zeroes their output projections, so the
 logits depend only on the last token through wte and lm_head)."""
 
+import random
 import threading
+import time
+from collections import Counter
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from nanochat_core.batching import Job, Replica, SlotCache, decode, prefill, sample_rows
 from nanochat_core.calculator import calculate
 from nanochat_core.engine import Engine, IncrementalDecoder, KVCache, RowState, sample_next_token
 from nanochat_core.gpt import GPT, GPTConfig
@@ -27,9 +33,10 @@ def random_gpt(vocab_size: int, seed: int = 0, n_kv_head: int = 1) -> GPT:
     return model.eval()
 
 
-def chain_gpt(vocab_size: int, transitions: dict[int, int]) -> GPT:
+def chain_gpt(vocab_size: int, transitions: dict[int, int], sequence_len: int = 64) -> GPT:
     """A GPT whose greedy next token after t is transitions[t] (for the tokens named there)."""
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=32))
+    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1,
+                          n_embd=32))
     model.init_weights()  # zero lm_head and block output projections: every block is the identity
     sources = sorted(set(transitions) | set(transitions.values()))
     assert len(sources) <= 32
@@ -232,6 +239,16 @@ def test_incremental_decoder_never_splits_a_character(tokenizer):
     assert "".join(pieces).startswith("ok ") and "".join(pieces).endswith("\ufffd")
 
 
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(ids=st.lists(st.integers(0, 255 + 200), max_size=40), text=st.text(max_size=30))
+def test_incremental_decoder_adds_up_to_decode(tokenizer, ids, text):
+    """Any token ids (invalid UTF-8 included) and any text: the deltas add up to decoding everything at once."""
+    for tokens in (ids, tokenizer.encode(text)):
+        decoder = IncrementalDecoder(tokenizer)
+        deltas = [decoder.push(t) for t in tokens] + [decoder.flush()]
+        assert "".join(deltas) == decoder.text == tokenizer.decode(tokens)
+
+
 # -----------------------------------------------------------------------------
 # calculator
 
@@ -259,3 +276,158 @@ def test_calculator_works_off_the_main_thread():
     thread.start()
     thread.join()
     assert results == [42]
+
+
+# -----------------------------------------------------------------------------
+# continuous batching (nanochat_core.batching): rows at their own positions, joining and leaving
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def run_jobs(replica: Replica, jobs: list[Job], hold: bool = True) -> list[tuple[list[int], str]]:
+    """Submit jobs (all before the first step if `hold`); each job's (tokens, finish reason)."""
+    out = {id(job): ([], []) for job in jobs}
+    finished = threading.Semaphore(0)
+
+    def emitter(job):
+        def emit(kind, value):
+            tokens, reason = out[id(job)]
+            if kind == "token":
+                tokens.append(value)
+            else:
+                reason.append(value)
+                finished.release()
+        return emit
+
+    for job in jobs:
+        job.emit = emitter(job)
+    if hold:
+        with replica.lock:
+            for job in jobs:
+                replica.submit(job)
+    else:
+        for job in jobs:
+            replica.submit(job)
+    for _ in jobs:
+        assert finished.acquire(timeout=30)
+    return [(out[id(job)][0], out[id(job)][1][0]) for job in jobs]
+
+
+def test_batched_decode_matches_gpt_forward(tokenizer):
+    model = random_gpt(tokenizer.get_vocab_size(), seed=4, n_kv_head=1)  # grouped-query attention too
+    seqs = [prompt_ids(tokenizer, text) for text in ("Once upon a time there was", "Hi", "The capital of France")]
+    cache = SlotCache(model.config, slots=4)
+    with torch.inference_mode():
+        for slot, seq in enumerate(seqs):
+            expected = model(torch.tensor([seq[:-1]]))[:, -1]
+            torch.testing.assert_close(prefill(model, cache, slot, seq[:-1]), expected, rtol=0, atol=1e-5)
+        for _ in range(3):  # every row feeds one token at its own position
+            pos = [len(seq) - 1 for seq in seqs]
+            logits = decode(model, cache, [seq[p] for seq, p in zip(seqs, pos, strict=True)], pos)
+            for row, seq in enumerate(seqs):
+                expected = model(torch.tensor([seq[:pos[row] + 1]]))[0, -1]
+                torch.testing.assert_close(logits[row], expected, rtol=0, atol=1e-5)
+                seq.append(int(expected.argmax()))
+
+
+def test_replica_rows_are_the_same_alone_or_batched(tokenizer):
+    """Greedy and seeded sampling, different prompts and lengths: each row gets the same tokens alone, in a batch
+    that starts together, or joining a running batch; greedy rows get what Engine.generate gives."""
+    model = random_gpt(tokenizer.get_vocab_size())
+    engine, replica = Engine(model, tokenizer), Replica(model, tokenizer, max_batch=3)  # 6 jobs: some queue
+    specs = [("The capital of France is", 0.0, 12, 7), ("Hello", 0.9, 20, 1), ("2+2=", 1.0, 5, 2),
+             ("Once upon a time", 0.0, 16, 3), ("abc", 1.5, 9, 4), ("Why?", 0.7, 14, 5)]
+
+    def jobs():
+        return [Job(prompt_ids(tokenizer, text), n, temperature=t, top_k=40, top_p=0.95, seed=seed)
+                for text, t, n, seed in specs]
+
+    alone = [run_jobs(replica, [job])[0] for job in jobs()]
+    for (tokens, reason), job in zip(alone, jobs(), strict=True):
+        if job.temperature == 0:
+            steps = [column[0] for column, _ in engine.generate(job.prompt, 1, max_tokens=job.max_tokens,
+                                                                 temperature=0.0)]
+            stop = next((i for i, t in enumerate(steps) if t in (engine.assistant_end, engine.bos)), None)
+            assert (tokens, reason) == ((steps, "length") if stop is None else (steps[:stop], "stop"))
+    assert len({tuple(tokens) for tokens, _ in alone}) == len(alone)
+    assert run_jobs(replica, jobs(), hold=True) == alone
+    assert run_jobs(replica, jobs(), hold=False) == alone
+    stats = replica.stats()
+    assert stats["requests_served"] == 18 and stats["requests_active"] == stats["requests_queued"] == 0
+    assert stats["decode_steps"] < stats["tokens_generated"]
+    replica.close()
+
+
+def test_sample_rows_per_row_settings():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(4, 1)
+    rng = random.Random(0)
+    settings_ = [(0.0, None, None), (1.0, 2, None), (1.0, 0, 0.5), (1.0, None, 0.8)]  # greedy, top-2, p .5, p .8
+    seen = [set() for _ in settings_]
+    for _ in range(400):
+        picks = sample_rows(logits, *map(list, zip(*settings_, strict=True)), [rng.random() for _ in settings_])
+        for s, pick in zip(seen, picks, strict=True):
+            s.add(pick)
+    assert seen == [{1}, {1, 3}, {1}, {1, 3}]
+    free = Counter(sample_rows(logits[:1], [1.0], [None], [None], [rng.random()])[0] for _ in range(4000))
+    expected = torch.softmax(logits[0], -1)  # p = .03, .64, .09, .24
+    assert all(abs(free[i] / 4000 - expected[i].item()) < 0.03 for i in range(4))
+    assert sample_rows(logits[:1], [1e-300], [None], [None], [0.99]) == [1]  # a tiny temperature is greedy
+
+
+def test_replica_forces_calculator_output(tokenizer):
+    special = tokenizer.encode_special
+    start, end = special("<|python_start|>"), special("<|python_end|>")
+    out_start, out_end, stop = special("<|output_start|>"), special("<|output_end|>"), special("<|assistant_end|>")
+    expr, answer = tokenizer.encode("12*3"), tokenizer.encode("36")
+    prompt = [tokenizer.get_bos_token_id(), special("<|assistant_start|>")]
+    chain = [prompt[-1], start, *expr, end]
+    transitions = dict(zip(chain, chain[1:], strict=False))
+    transitions[out_end] = stop
+    replica = Replica(chain_gpt(tokenizer.get_vocab_size(), transitions), tokenizer)
+    results = run_jobs(replica, [Job(prompt, 30, temperature=0.0), Job(prompt, 4, temperature=0.0)])
+    assert results == [([start, *expr, end, out_start, *answer, out_end], "stop"), ([start, *expr, end][:4], "length")]
+    replica.close()
+
+
+def test_cancel_frees_the_row_and_close_ends_the_rest(tokenizer):
+    a, b, c = (tokenizer.encode(x)[0] for x in "abc")
+    replica = Replica(chain_gpt(tokenizer.get_vocab_size(), {a: b, b: c, c: a}, 4096), tokenizer, max_batch=1)
+    events, started = [], threading.Event()
+    looping = Job([a], 4000, temperature=0.0, emit=lambda kind, value: (events.append(kind), started.set()))
+    replica.submit(looping)
+    assert started.wait(10)
+    queued = Job([a], 5, temperature=0.0)
+    with replica.lock:  # between two steps
+        replica.submit(queued)
+        assert replica.stats()["requests_queued"] == 1  # the only slot is taken
+        replica.cancel(looping)
+    wait_until(lambda: replica.stats()["requests_served"] == 1)
+    stats = replica.stats()
+    assert stats["requests_disconnected"] == 1 and stats["requests_active"] == 0
+    assert "done" not in events and len(events) < 4000  # a cancelled job hears nothing more
+    errors = []
+    replica.submit(Job([a], 60, temperature=0.0, emit=lambda kind, value: errors.append(kind)))
+    replica.close()
+    assert errors[-1] == "error" and replica.stats()["requests_active"] == 0
+
+
+def test_replica_never_samples_ids_past_the_tokenizer(tokenizer):
+    vocab = tokenizer.get_vocab_size()
+    model = random_gpt(vocab + 64)  # a padded lm_head: ids >= vocab have no text
+    with torch.no_grad():
+        model.lm_head.weight[vocab:] = 10.0 * model.lm_head.weight[:vocab].abs().max()  # and the model likes them
+    replica = Replica(model, tokenizer)
+    for tokens, _ in run_jobs(replica, [Job(prompt_ids(tokenizer), 10, temperature=t, seed=1) for t in (0.0, 1.0)]):
+        assert tokens and max(tokens) < vocab
+    replica.close()
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-30, 1e-8])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0 - 1e-6]]).repeat(50, 1)  # found by the API fuzzer
+    rng = torch.Generator().manual_seed(0)
+    assert set(sample_next_token(logits, rng, temperature, top_k=3, top_p=0.5)[:, 0].tolist()) == {1}

@@ -21,10 +21,11 @@ import torch
 import uvicorn
 
 from nanochat_core import chat_cli, server
+from nanochat_core.chat_request import MAX_CHOICES, MAX_MESSAGE_CHARS, MAX_MESSAGES
 from nanochat_core.checkpoint import save_final_model
 from nanochat_core.engine import Engine
 from nanochat_core.gpt import GPT, GPTConfig
-from nanochat_core.server import MAX_MESSAGE_CHARS, MAX_MESSAGES, ServeConfig, create_app
+from nanochat_core.server import ServeConfig, create_app
 from nanochat_core.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,8 +71,13 @@ def running(app):
 
 
 @pytest.fixture(scope="module")
-def url(model, tokenizer):
-    with running(create_app(model, tokenizer, ServeConfig(max_tokens=16))) as base:
+def app(model, tokenizer):
+    return create_app(model, tokenizer, ServeConfig(max_tokens=16))
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    with running(app) as base:
         yield base
 
 
@@ -149,6 +155,11 @@ def test_official_openai_client(url, model, tokenizer):
                                             stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == expected
     assert [m.id for m in client.models.list()] == [httpx.get(f"{url}/health").json()["model"]]
+    several = client.chat.completions.create(model="nanochat", messages=QUESTION, temperature=1.0, max_tokens=8, n=2,
+                                             seed=3, stop=["\n\n"])
+    assert [c.index for c in several.choices] == [0, 1]
+    assert all("\n\n" not in c.message.content for c in several.choices)
+    assert several.usage.total_tokens == several.usage.prompt_tokens + several.usage.completion_tokens
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="nanochat", messages=QUESTION, max_tokens=SEQ_LEN)
     assert info.value.code == "context_length_exceeded"
@@ -212,7 +223,16 @@ BAD_BODIES = [
     ({"messages": QUESTION, "max_tokens": True}, "max_tokens", None),
     ({"messages": QUESTION, "max_tokens": SEQ_LEN - 3}, "messages", "context_length_exceeded"),
     ({"messages": [{"role": "user", "content": "word " * 1500}]}, "messages", "context_length_exceeded"),
-    ({"messages": QUESTION, "n": 2}, "n", None),
+    ({"messages": QUESTION, "n": MAX_CHOICES + 1}, "n", None),
+    ({"messages": QUESTION, "n": 0}, "n", None),
+    ({"messages": QUESTION, "stop": 5}, "stop", None),
+    ({"messages": QUESTION, "stop": ["a", ""]}, "stop", None),
+    ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+    ({"messages": QUESTION, "temprature": 0.5}, "temprature", "unknown_parameter"),
+    ({"messages": QUESTION, "frequency_penalty": 0.5}, "frequency_penalty", "unsupported_parameter"),
+    ({"messages": QUESTION, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+    ({"messages": QUESTION, "model": 7}, "model", None),
+    ({"messages": QUESTION, "stream_options": {"include_usage": "yes"}}, "stream_options", None),
     ({"messages": QUESTION, "top_p": 0}, "top_p", None),
     ([1, 2], None, None),
 ]
@@ -228,9 +248,10 @@ def test_bad_requests_get_400_in_openai_shape(url, path):
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
             assert error["type"] == "invalid_request_error"
             assert (error["param"], error["code"]) == (param, code), (str(body)[:80], error)
-        for raw in (b"{not json", b"", b"\xff\xfe", b"[" * 100_000):
+        for raw in (b"{not json", b"", b"\xff\xfe", b"[" * 100_000, b'{"messages": NaN}',
+                    b'{"messages": [{"role": "user", "content": "\\ud800"}]}', b'{"\\udfff": 1}'):
             r = client.post(path, content=raw, headers={"content-type": "application/json"})
-            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", raw
         r = client.post(path, content=b"x" * (2 << 20))
         assert r.status_code == 400 and "larger than" in r.json()["error"]["message"]
     bad_stream = httpx.post(f"{url}/v1/chat/completions", json={"messages": QUESTION, "stream": "yes"})
@@ -253,30 +274,7 @@ def test_api_key(model, tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# concurrency and disconnects
-
-def test_concurrent_requests_are_serialised_and_health_stays_responsive(url, model, tokenizer):
-    expected, _ = greedy_reply(model, tokenizer, QUESTION, 16)
-    results, errors = [], []
-
-    def ask():
-        try:
-            body = {"messages": QUESTION, "temperature": 0, "max_tokens": 16}
-            results.append(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json())
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=ask) for _ in range(4)]
-    for t in threads:
-        t.start()
-    started = time.perf_counter()
-    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
-    assert time.perf_counter() - started < 2.0
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
-    assert [r["choices"][0]["message"]["content"] for r in results] == [expected] * 4
-
+# concurrency: continuous batching, replicas, disconnects
 
 def wait_for(predicate, timeout: float = 10.0) -> None:
     deadline = time.time() + timeout
@@ -285,9 +283,71 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_disconnect_while_queued_or_generating_stops_the_work(tokenizer):
+def in_threads(fn, args_list: list, stagger: float = 0.0) -> list:
+    """fn(*args) for each args in threads (started `stagger` s apart); the results in order."""
+    results, errors = [None] * len(args_list), []
+
+    def run(i, args):
+        try:
+            results[i] = fn(*args)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+        time.sleep(stagger)
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return results
+
+
+def ask(url: str, body: dict) -> dict:
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+PROMPTS = ["Why is the sky blue?", "Tell me a story about a cat.", "2+2=?", "What is the capital of France? " * 4,
+           "Hi", "Summarise the plot of Hamlet in one line."]
+
+
+def test_batched_replies_equal_solo_replies_and_health_stays_responsive(url, app, model, tokenizer):
+    """Different prompts, lengths and sampling settings: a reply is the same alone or decoded in a batch."""
+    bodies = [{"messages": [{"role": "user", "content": text}], "max_tokens": 5 + 3 * i,
+               "temperature": 0 if i % 2 == 0 else 0.9, "seed": i, "top_k": 20 * i, "top_p": 0.9 if i == 3 else None}
+              for i, text in enumerate(PROMPTS)]
+    solo = [ask(url, body)["choices"] for body in bodies]
+    greedy = greedy_reply(model, tokenizer, [{"role": "user", "content": PROMPTS[0]}], 5)[0]
+    assert solo[0][0]["message"]["content"] == greedy
+    replica = app.state.router.replicas[0]
+    before = replica.stats()
+    with replica.lock:  # all arrive while the replica is paused: they are admitted together, one batch
+        results = []
+        waiter = threading.Thread(target=lambda: results.extend(in_threads(ask, [(url, b) for b in bodies])))
+        waiter.start()
+        wait_for(lambda: replica.stats()["requests_queued"] == len(bodies))
+        started = time.perf_counter()
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert time.perf_counter() - started < 2.0
+    waiter.join(timeout=60)
+    assert [r["choices"] for r in results] == solo
+    after = replica.stats()
+    tokens = after["tokens_generated"] - before["tokens_generated"]
+    steps = after["decode_steps"] - before["decode_steps"]
+    stops = sum(r["choices"][0]["finish_reason"] == "stop" for r in results)  # the stop token is generated too
+    assert tokens == sum(r["usage"]["completion_tokens"] for r in results) + stops
+    assert steps <= max(b["max_tokens"] for b in bodies) < tokens  # one forward pass served many rows
+    # arriving one after another, joining a batch that is already running: still the same replies
+    staggered = in_threads(ask, [(url, b) for b in bodies] * 2, stagger=0.01)
+    assert [r["choices"] for r in staggered] == solo * 2
+
+
+def cycle_gpt(tokenizer, sequence_len: int = 4096) -> GPT:
+    """A GPT whose greedy reply is "abcabc...": it never stops by itself."""
     a, b, c = tokenizer.encode("a")[0], tokenizer.encode("b")[0], tokenizer.encode("c")[0]
-    model = GPT(GPTConfig(sequence_len=4096, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1,
+    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1,
                           n_kv_head=1, n_embd=32))
     model.init_weights()  # identity blocks; then a cycle a -> b -> c -> a from any token: it never stops
     with torch.no_grad():
@@ -298,26 +358,87 @@ def test_disconnect_while_queued_or_generating_stops_the_work(tokenizer):
             model.transformer.wte.weight[token, dim] = 1.0
         model.lm_head.weight[b, 0] = model.lm_head.weight[c, 1] = model.lm_head.weight[a, 2] = 1.0
         model.lm_head.weight[a, 3] = 1.0
-    app = create_app(model.eval(), tokenizer, ServeConfig(max_tokens=4000))
-    worker = app.state.worker
+    return model.eval()
+
+
+def test_max_tokens_exact_n_choices_and_stop_strings(tokenizer):
+    app = create_app(cycle_gpt(tokenizer, 256), tokenizer, ServeConfig(max_tokens=100))
+    with running(app) as base:
+        reply = ask(base, {"messages": QUESTION, "temperature": 0, "max_tokens": 7})
+        assert reply["choices"][0]["message"]["content"] == "abcabca"
+        assert reply["choices"][0]["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == 7
+        # n choices: choice i is the reply to the same request with seed + i
+        many = ask(base, {"messages": QUESTION, "temperature": 2.0, "top_k": 0, "max_tokens": 6, "n": 3, "seed": 5})
+        assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+        alone = [ask(base, {"messages": QUESTION, "temperature": 2.0, "top_k": 0, "max_tokens": 6, "seed": 5 + i})
+                 for i in range(3)]
+        assert [c | {"index": 0} for c in many["choices"]] == [a["choices"][0] for a in alone]
+        assert len({c["message"]["content"] for c in many["choices"]}) > 1
+        assert many["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+        # stop strings end a reply before them (also when they span tokens) and free the row
+        stopped = ask(base, {"messages": QUESTION, "temperature": 0, "max_tokens": 50, "stop": ["bca", "zzz"]})
+        assert stopped["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "a"},
+                                         "finish_reason": "stop"}
+        body = {"messages": QUESTION, "temperature": 0, "max_tokens": 50, "stop": "cab", "stream": True, "n": 2}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as r:
+            chunks = [json.loads(e) for e in sse_events(r)[:-1]]
+        for i in range(2):
+            mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+            assert "".join(c["delta"].get("content", "") for c in mine) == "ab"
+            assert mine[-1]["finish_reason"] == "stop" and mine[0]["delta"]["role"] == "assistant"
+        wait_for(lambda: httpx.get(f"{base}/stats").json()["requests_active"] == 0)
+
+
+def test_requests_go_to_the_least_busy_replica(model, tokenizer):
+    app = create_app(model, tokenizer, ServeConfig(num_replicas=2, max_tokens=4))
+    first, second = app.state.router.replicas
+    assert first.model is second.model  # on a CPU the replicas share the weights
+    with running(app) as base:
+        stats = lambda: httpx.get(f"{base}/stats").json()  # noqa: E731
+        with first.lock:  # replica 0 is busy: its request waits, the next one goes to replica 1 and is served
+            waiting = threading.Thread(target=ask, args=(base, {"messages": QUESTION, "temperature": 0}))
+            waiting.start()
+            wait_for(lambda: stats()["replicas"][0]["requests_queued"] == 1)
+            reply = ask(base, {"messages": QUESTION, "temperature": 0})
+            per = stats()["replicas"]
+            assert per[0]["requests_queued"] == 1 and per[1]["requests_served"] == 1
+            assert per[1]["tokens_generated"] >= reply["usage"]["completion_tokens"]
+        waiting.join(timeout=30)
+        total = stats()
+        assert total["requests_served"] == 2 and total["requests_total"] == 2 and len(total["replicas"]) == 2
+        assert total["tokens_per_s"] > 0 and httpx.get(f"{base}/health").json()["replicas"] == 2
+
+
+def test_disconnect_while_queued_or_generating_stops_the_work(tokenizer):
+    app = create_app(cycle_gpt(tokenizer), tokenizer, ServeConfig(max_tokens=4000))
+    replica = app.state.router.replicas[0]
     body = {"messages": QUESTION, "temperature": 0, "max_tokens": 3000}
     with running(app) as base:
         stats = lambda: httpx.get(f"{base}/stats").json()  # noqa: E731
-        # 1. queued: the model is busy (we hold its lock); the client leaves before its turn
-        with worker.lock:
+        # 1. queued: the model is busy (we pause its replica); the client leaves before its turn
+        with replica.lock:
             with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=30) as r:
                 assert r.status_code == 200
                 wait_for(lambda: stats()["requests_queued"] == 1)
             wait_for(lambda: stats()["requests_disconnected"] == 1)  # the server noticed
         wait_for(lambda: stats()["requests_active"] == 0 and stats()["requests_queued"] == 0)
         assert stats()["tokens_generated"] == 0
-        # 2. generating: the client reads a few tokens and leaves
-        with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=30) as r:
-            events = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
-            assert all("token" in next(events) for _ in range(3))
+        # 2. generating: the clients read a few tokens and leave; the others in the batch go on
+        keeper = threading.Thread(target=ask, args=(base, {**body, "max_tokens": 400}))
+        keeper.start()
+        for path in ("/chat/completions", "/v1/chat/completions"):
+            with httpx.stream("POST", f"{base}{path}", json={**body, "stream": True}, timeout=30) as r:
+                events = (line for line in r.iter_lines() if line.startswith("data: "))
+                assert all(next(events) for _ in range(3))
+        wait_for(lambda: stats()["requests_disconnected"] == 3)
+        wait_for(lambda: stats()["requests_active"] <= 1)
+        keeper.join(timeout=60)
+        # 3. a non-streaming client that gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json=body, timeout=0.5)
+        wait_for(lambda: stats()["requests_disconnected"] == 4)
         wait_for(lambda: stats()["requests_active"] == 0)
-        assert stats()["requests_disconnected"] == 2
-        assert 0 < stats()["tokens_generated"] < 3000
+        assert stats()["requests_served"] == 1 and 400 < stats()["tokens_generated"] < 3 * 3000
 
 
 # -----------------------------------------------------------------------------
@@ -334,7 +455,8 @@ def test_server_main_serves_a_saved_model(model_dir, tiny_tokenizer_dir, model, 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_API_KEY": ""}
     cmd = [sys.executable, "-m", "nanochat_core.server", "--model", str(model_dir), "--tokenizer",
-           str(tiny_tokenizer_dir), "--port", str(port), "--device-type", "cpu", "--max-tokens", "5"]
+           str(tiny_tokenizer_dir), "--port", str(port), "--device-type", "cpu", "--max-tokens", "5",
+           "--num-replicas", "2", "--max-batch", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 60
@@ -345,6 +467,7 @@ def test_server_main_serves_a_saved_model(model_dir, tiny_tokenizer_dir, model, 
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
             time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["replicas"] == 2
         body = {"messages": QUESTION, "temperature": 0}
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30).json()
         assert reply["choices"][0]["message"]["content"] == greedy_reply(model, tokenizer, QUESTION, 5)[0]

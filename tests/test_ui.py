@@ -146,8 +146,7 @@ def test_messages_are_text_not_html(page):
 
 
 def test_stop_button_ends_a_reply(page, app):
-    worker = app.state.worker
-    with worker.lock:  # the model is busy elsewhere: the reply cannot start until we let go
+    with app.state.router.replicas[0].lock:  # the model is paused: the reply cannot start until we let go
         page.fill("#input", "Please wait")
         page.press("#input", "Enter")
         page.wait_for_selector("#stop", state="visible")
@@ -180,3 +179,27 @@ def test_readable_on_a_phone(browser, url, model, tokenizer):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui-phone.png"))
     context.close()
+
+
+def test_two_tabs_chat_at_once(browser, url, app, model, tokenizer):
+    """Two people at once: their replies are decoded in one batch, and each tab shows its own."""
+    pages = []
+    for _ in range(2):
+        context = browser.new_context()
+        pages.append(context.new_page())
+        pages[-1].set_default_timeout(20_000)
+        pages[-1].goto(url)
+    replica = app.state.router.replicas[0]
+    with replica.lock:  # both questions arrive before either reply starts
+        for page, question in zip(pages, ("Hello there", "What is a cat?"), strict=True):
+            page.fill("#input", question)
+            page.press("#input", "Enter")
+        deadline = time.time() + 20
+        while replica.stats()["requests_queued"] < 2:
+            assert time.time() < deadline, "the requests did not arrive"
+            time.sleep(0.02)
+    for page, question in zip(pages, ("Hello there", "What is a cat?"), strict=True):
+        page.wait_for_selector("#regenerate", state="visible")
+        reply = greedy_reply(model, tokenizer, [{"role": "user", "content": question}])
+        assert bubbles(page) == [("user", question), ("assistant", reply)]
+        page.context.close()
