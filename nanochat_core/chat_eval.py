@@ -1,13 +1,17 @@
-"""Chat evaluation: ARC-Easy, ARC-Challenge, MMLU (categorical), GSM8K and HumanEval (generative), plus ChatCORE.
+"""Chat evaluation: ARC-Easy, ARC-Challenge, MMLU (categorical), GSM8K, HumanEval and SpellingBee (generative),
+plus ChatCORE.
 
 Categorical tasks render the question with render_for_completion (ends with <|assistant_start|>), run the
 batch right-padded, and pick the answer as the argmax of the logits at the last prompt position restricted
 to the choice letters' tokens: the model is never asked to produce free text, so even a small model gets a
 fair score. GSM8K samples a full answer with the Engine (calculator tool included) and compares the
 '#### N' number exactly. HumanEval samples a function and runs it against the problem's tests in the
-sandbox (nanochat_core.sandbox: separate process, time/memory limits, no network). ChatCORE centers each
-accuracy on its random baseline, (acc - b) / (1 - b), and averages over the tasks that ran; the result names
-those tasks, since a mean over fewer tasks is another metric.
+sandbox (nanochat_core.sandbox: separate process, time/memory limits, no network). SpellingBee (256 synthetic
+"how many <letter> in <word>" test items, see tasks.spelling_bee) is scored like GSM8K. ChatCORE centers each
+accuracy on its random baseline, (acc - b) / (1 - b), and averages over the CHATCORE_TASKS that ran (ARC-Easy,
+ARC-Challenge, MMLU, GSM8K, HumanEval: upstream's published 5-task ChatCORE); SpellingBee is reported beside
+it, never in the mean. The result names the tasks the mean is over, since a mean over fewer tasks is another
+metric.
 
 Items are strided across ranks when launched with torchrun, and the counts are all-reduced, so the numbers
 do not depend on the world size. Run as a stage:
@@ -37,9 +41,12 @@ from nanochat_core.sandbox import run_code
 from nanochat_core.tokenizer import Tokenizer
 
 # random-guess accuracy
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+             "SpellingBee": 0.0}
 CATEGORICAL = ("ARC-Easy", "ARC-Challenge", "MMLU")
+CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")  # what ChatCORE averages (5-task)
 VALID_TASKS = tuple(BASELINES)
+SPELLING_BEE_SIZE = 256  # upstream's SpellingBee test set
 DEVICE_TYPES = ("", "cpu", "cuda", "mps")
 NUM_SAMPLES_KEPT = 3  # sample completions per task written to results.json
 HUMANEVAL_TIMEOUT = 5.0  # seconds per program in the sandbox (the canonical solutions need well under 1 s)
@@ -97,6 +104,8 @@ def load_task(name: str) -> list[dict]:
         return tasks.gsm8k("test")
     if name == "HumanEval":
         return tasks.humaneval()
+    if name == "SpellingBee":
+        return tasks.spelling_bee(SPELLING_BEE_SIZE, "test")
     raise ConfigError(f"unknown task {name!r}; valid tasks are {', '.join(VALID_TASKS)}")
 
 
@@ -176,7 +185,8 @@ def humaneval_is_correct(item: dict, completion: str) -> bool:
     return run_code(tasks.humaneval_program(item, completion), timeout=HUMANEVAL_TIMEOUT).success
 
 
-GENERATIVE_CHECKS = {"GSM8K": gsm8k_is_correct, "HumanEval": humaneval_is_correct}
+GENERATIVE_CHECKS = {"GSM8K": gsm8k_is_correct, "HumanEval": humaneval_is_correct,
+                     "SpellingBee": gsm8k_is_correct}  # SpellingBee ends with '#### N' too
 
 
 def generation_budget(prompt: list[int], max_new_tokens: int, max_len: int) -> tuple[list[int], int]:
@@ -232,6 +242,10 @@ def centered(accuracy: float, baseline: float) -> float:
 
 
 def evaluate_task(config: ChatEvalConfig, name: str, model, tokenizer) -> dict[str, Any]:
+    """One task on every rank (items strided across ranks, counts all-reduced): {accuracy, n, correct,
+    cropped, centered, baseline, samples}. A rank may get no items (max_per_task < world size)."""
+    if name not in BASELINES:
+        raise ConfigError(f"unknown task {name!r}; valid tasks are {', '.join(VALID_TASKS)}")
     rank, world = rank_and_world()
     device = next(model.parameters()).device
     items = eval_subset(load_task(name), config.max_per_task, config.seed)
@@ -253,25 +267,42 @@ def evaluate_task(config: ChatEvalConfig, name: str, model, tokenizer) -> dict[s
             "centered": centered(accuracy, BASELINES[name]), "baseline": BASELINES[name], "samples": samples}
 
 
-def evaluate(config: ChatEvalConfig, model: torch.nn.Module, tokenizer) -> dict[str, Any]:
-    """Run every configured task. Returns {"tasks": {name: {accuracy, n, correct, centered, ...}},
-    "ChatCORE": mean centered accuracy, "ChatCORE_tasks": the tasks that mean is over}."""
+def chatcore(task_results: dict[str, dict]) -> tuple[float | None, list[str]]:
+    """Mean centered accuracy over the CHATCORE_TASKS among `task_results`, and those tasks (None if none ran)."""
+    names = [name for name in task_results if name in CHATCORE_TASKS]
+    if not names:
+        return None, []
+    return sum(task_results[n]["centered"] for n in names) / len(names), names
+
+
+def evaluate_tasks(config: ChatEvalConfig, model: torch.nn.Module, tokenizer, names: list[str]) -> dict[str, Any]:
+    """Run `names` (any of VALID_TASKS) with config's settings. Returns {"tasks": {name: {accuracy, n,
+    correct, centered, ...}}, "ChatCORE": mean centered accuracy over the ChatCORE tasks that ran (None if
+    none did), "ChatCORE_tasks": those tasks}. SpellingBee is in "tasks" but never in ChatCORE."""
     config.validate()
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
     with autocast:
-        for name in config.task_names():
+        for name in names:
             results[name] = evaluate_task(config, name, model, tokenizer)
-    chatcore = sum(r["centered"] for r in results.values()) / len(results)
-    return {"tasks": results, "ChatCORE": chatcore, "ChatCORE_tasks": list(results)}
+    model.train(was_training)
+    score, over = chatcore(results)
+    return {"tasks": results, "ChatCORE": score, "ChatCORE_tasks": over}
+
+
+def evaluate(config: ChatEvalConfig, model: torch.nn.Module, tokenizer) -> dict[str, Any]:
+    """Every task of config.tasks: see evaluate_tasks."""
+    return evaluate_tasks(config, model, tokenizer, config.task_names())
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """metrics.json: {"ARC-Easy": acc, ..., "ChatCORE": x}."""
+    """metrics.json: {"ARC-Easy": acc, ..., "ChatCORE": x}; no ChatCORE when none of its tasks ran."""
     metrics = {name: r["accuracy"] for name, r in results["tasks"].items()}
-    metrics["ChatCORE"] = results["ChatCORE"]
+    if results["ChatCORE"] is not None:
+        metrics["ChatCORE"] = results["ChatCORE"]
     return metrics
 
 
@@ -280,7 +311,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K and HumanEval (ChatCORE).")
+    parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K, HumanEval and SpellingBee "
+                                                 "(ChatCORE).")
     parser.add_argument("--model", required=True, help="model directory (load_model)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
     parser.add_argument("--out", required=True, help="output directory for results.json and metrics.json")
@@ -297,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
             write_json(out / "results.json", {**results, "config": config_to_dict(config), "model": str(args.model),
                                               "step": meta.get("step")})
             write_json(out / "metrics.json", flat_metrics(results))
-            print0(f"ChatCORE over {', '.join(results['ChatCORE_tasks'])}: {results['ChatCORE']:.4f}")
+            if results["ChatCORE"] is not None:
+                print0(f"ChatCORE over {', '.join(results['ChatCORE_tasks'])}: {results['ChatCORE']:.4f}")
     finally:
         cleanup_distributed()
 

@@ -1,8 +1,9 @@
-"""Task data -> conversations: the chat eval sets (ARC, MMLU, GSM8K, HumanEval) and the mid/SFT training mixtures.
+"""Task data -> conversations: the chat eval sets (ARC, MMLU, GSM8K, HumanEval, SpellingBee) and the mid/SFT
+training mixtures.
 
 Every item is a conversation `{"messages": [{"role", "content"}, ...]}` that the tokenizer can render, plus
 the fields an evaluator needs: multiple-choice items carry "letters" (the choice labels) and "answer" (the
-correct letter); GSM8K items carry "answer" (the final number as a string, commas stripped).
+correct letter); GSM8K and SpellingBee items carry "answer" (the final number as a string, commas stripped).
 
 Loaders return rows in file order; shuffling is the caller's business and always goes through
 random.Random(seed), so every mixture and every eval subset is reproducible. Data comes from
@@ -11,12 +12,27 @@ nanochat_core.data.sources (the NANOCHAT_DATA mirror, or the real Hugging Face f
 
 from __future__ import annotations
 
+import functools
+import io
 import random
 import re
+import string
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from nanochat_core.common import print0
-from nanochat_core.data.sources import DataError, read_dataset, read_records, resolve, sft_sources
+from nanochat_core.data.sources import (
+    DataError,
+    data_root,
+    is_url,
+    list_mirror,
+    read_bytes,
+    read_dataset,
+    read_records,
+    resolve,
+    sft_sources,
+)
 
 ARC_SUBSETS = ("ARC-Easy", "ARC-Challenge")
 ARC_SPLITS = ("train", "validation", "test")
@@ -245,6 +261,177 @@ def smoltalk(split: str = "train") -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
+# SpellingBee and SimpleSpelling: synthetic spelling and letter counting
+
+WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+WORD_LIST_NAME = "words/words_alpha.txt"  # its path in a NANOCHAT_DATA mirror
+SPELLING_SPLITS = ("train", "test")
+TEST_SEED_OFFSET = 10_000_000  # test item i is seeded 10M + i, train item i is seeded i: disjoint (upstream #9777070)
+MIN_WORD_COUNT = 3  # a word derived from the shards must occur this often (drops typos and one-off identifiers)
+SHARD_WORD_RE = re.compile(r"(?<![A-Za-z0-9_'])[a-z]{3,}(?![A-Za-z0-9_'])")
+LETTERS = string.ascii_lowercase
+SPELLING_TEMPLATES = (
+    "How many {letter} are in the word {word}", "How many {letter} are in {word}",
+    "Count the number of {letter} in {word}", "How many times does {letter} appear in {word}",
+    "What's the count of {letter} in {word}", "In the word {word}, how many {letter} are there",
+    "How many letter {letter} are in the word {word}", "Count how many {letter} appear in {word}",
+    "Tell me the number of {letter} in {word}", "How many occurrences of {letter} are in {word}",
+    "Find the count of {letter} in {word}", "Can you count the {letter} letters in {word}",
+    "What is the frequency of {letter} in {word}", "How many {letter}s are in {word}",
+    "How many {letter}'s are in {word}", "Count all the {letter} in {word}", "How many times is {letter} in {word}",
+    "Number of {letter} in {word}", "Total count of {letter} in {word}", "How many {letter} does {word} have",
+    "How many {letter} does {word} contain", "What's the number of {letter} in {word}",
+    "{word} has how many {letter}", "In {word}, count the {letter}", "How many {letter} appear in {word}",
+    "Count the {letter} in {word}", "Give me the count of {letter} in {word}",
+    "How many instances of {letter} in {word}", "Show me how many {letter} are in {word}",
+    "Calculate the number of {letter} in {word}",
+    # Spanish, Chinese, Korean, French, German, Japanese
+    "¿Cuántas {letter} hay en {word}?", "¿Cuántas veces aparece {letter} en {word}?", "Cuenta las {letter} en {word}",
+    "¿Cuántas letras {letter} tiene {word}?",
+    "{word}中有多少个{letter}", "{word}里有几个{letter}", "数一下{word}中的{letter}", "{word}这个词里有多少{letter}",
+    "{word}에 {letter}가 몇 개 있나요", "{word}에서 {letter}의 개수는", "{word}에 {letter}가 몇 번 나오나요",
+    "{word}라는 단어에 {letter}가 몇 개",
+    "Combien de {letter} dans {word}", "Combien de fois {letter} apparaît dans {word}",
+    "Compte les {letter} dans {word}",
+    "Wie viele {letter} sind in {word}", "Wie oft kommt {letter} in {word} vor", "Zähle die {letter} in {word}",
+    "{word}に{letter}は何個ありますか", "{word}の中に{letter}がいくつ", "{word}に{letter}が何回出てくる",
+)
+
+
+def parse_word_list(data: bytes, location: str) -> tuple[str, ...]:
+    """One word a line; only lowercase ASCII words are kept (words_alpha.txt is all of them)."""
+    words = tuple(w for w in (line.strip() for line in data.decode("utf-8").splitlines())
+                  if w.isascii() and w.isalpha() and w.islower())
+    if not words:
+        raise DataError(f"{location}: no words (expected one lowercase word a line)")
+    return words
+
+
+def words_from_shards(locations: list[str], min_count: int = MIN_WORD_COUNT) -> tuple[str, ...]:
+    """Sorted lowercase alphabetic words of >= 3 letters that occur >= min_count times in the shards' text.
+    A word glued to a capital, digit, underscore or apostrophe ("Python", "utf8", "sys_path", "don't") is
+    not a word here, so identifiers and proper nouns mostly stay out."""
+    import pyarrow.parquet as pq
+
+    counts: Counter[str] = Counter()
+    for location in locations:
+        try:
+            texts = pq.read_table(io.BytesIO(read_bytes(location)), columns=["text"]).column("text").to_pylist()
+        except (KeyError, ValueError, OSError) as e:  # pyarrow: no text column / not parquet
+            raise DataError(f"{location}: cannot read a 'text' column to derive the word list: {e}") from e
+        for text in texts:
+            counts.update(SHARD_WORD_RE.findall(text or ""))
+    words = tuple(sorted(w for w, n in counts.items() if n >= min_count))
+    if not words:
+        raise DataError(f"no word occurs {min_count}+ times in {', '.join(locations)}")
+    return words
+
+
+@functools.lru_cache(maxsize=4)
+def _word_list(root: str | None) -> tuple[str, ...]:
+    if root is None:
+        return parse_word_list(read_bytes(WORD_LIST_URL), WORD_LIST_URL)
+    location = resolve(WORD_LIST_NAME)
+    if is_url(root) or Path(location).is_file():
+        return parse_word_list(read_bytes(location), location)
+    shards = list_mirror("pretrain", ".parquet")
+    if not shards:
+        raise DataError(f"SpellingBee needs a word list: {location} does not exist and {root}/pretrain/ has no "
+                        f"shards to derive one from")
+    train_shards = shards[:-1] or shards  # the last shard is validation text: leave it unseen
+    return words_from_shards([resolve(n) for n in train_shards])
+
+
+def word_list() -> tuple[str, ...]:
+    """The SpellingBee vocabulary.
+
+    - NANOCHAT_DATA unset: upstream's dwyl words_alpha.txt (370K words), fetched from WORD_LIST_URL.
+    - A mirror with words/words_alpha.txt: that file.
+    - A local mirror without it (../shared/data has none): derived from the mirror's training shards (every
+      shard but the last): the sorted lowercase words of >= 3 letters occurring >= MIN_WORD_COUNT times
+      (about 21K words on ../shared/data). Deterministic: the same shards give the same list.
+    Anything else is a DataError. Cached per data root for the life of the process."""
+    return _word_list(data_root())
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int) or size < 0:
+        raise ValueError(f"size must be an integer >= 0, got {size!r}")
+
+
+def _item_seed(index: int, split: str) -> int:
+    _check_choice("spelling split", split, SPELLING_SPLITS)
+    return index if split == "train" else TEST_SEED_OFFSET + index
+
+
+def spelling_bee_parts(word: str, letter: str) -> list[dict]:
+    """The assistant's answer: spell the word, count the letter by hand, check with the python tool
+    ('word'.count('l'), which the calculator evaluates), and end with '#### N'."""
+    count = word.count(letter)
+    manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach "
+              f"first.\n\nFirst spell the word out:\n{word}:{','.join(word)}\n\n"
+              f"Then count the occurrences of '{letter}':\n")
+    running = 0
+    for i, char in enumerate(word, 1):
+        if char == letter:
+            running += 1
+            manual += f"{i}:{char} hit! count={running}\n"  # "i:c" without a space: " a" is another token than "a"
+        else:
+            manual += f"{i}:{char}\n"
+    manual += f"\nThis gives us {running}."
+    return [
+        {"type": "text", "text": manual},
+        {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
+        {"type": "python", "text": f"'{word}'.count('{letter}')"},
+        {"type": "python_output", "text": str(count)},
+        {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
+    ]
+
+
+def spelling_bee_item(words: tuple[str, ...] | list[str], seed: int) -> dict:
+    """One "how many <letter> in <word>" conversation, fully determined by `seed` (upstream's draw order,
+    so the same word list gives upstream's items)."""
+    rng = random.Random(seed)
+    word = rng.choice(words)
+    letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)  # mostly a letter of the word
+    template = rng.choice(SPELLING_TEMPLATES)
+    if rng.random() < 0.3:
+        template = template.lower()
+    letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+    question = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
+    if rng.random() < 0.5:
+        question += "?"
+    messages = [{"role": "user", "content": question},
+                {"role": "assistant", "content": spelling_bee_parts(word, letter)}]
+    return {"messages": messages, "answer": str(word.count(letter)), "word": word, "letter": letter}
+
+
+def spelling_bee(size: int = 1000, split: str = "train") -> list[dict]:
+    """`size` SpellingBee items; item i of a split is the same on every call (seeded by i and the split)."""
+    _check_size(size)
+    _item_seed(0, split)
+    words = word_list() if size else ()
+    return [spelling_bee_item(words, _item_seed(i, split)) for i in range(size)]
+
+
+def simple_spelling(size: int = 1000, split: str = "train") -> list[dict]:
+    """`size` "Spell the word: X" -> "X:x,y,z" items, drawn from the word list in another order than SpellingBee."""
+    _check_size(size)
+    _item_seed(0, split)
+    if not size:
+        return []
+    words = list(word_list())
+    random.Random(42).shuffle(words)
+    items = []
+    for i in range(size):
+        word = random.Random(_item_seed(i, split)).choice(words)
+        messages = [{"role": "user", "content": f"Spell the word: {word}"},
+                    {"role": "assistant", "content": f"{word}:{','.join(word)}"}]
+        items.append({"messages": messages, "word": word})
+    return items
+
+
+# -----------------------------------------------------------------------------
 # training mixtures
 
 def proportional_quotas(sizes: list[int], limit: int) -> list[int]:
@@ -275,22 +462,39 @@ def interleave(sources: list[list[dict]], seed: int, limit: int | None = None) -
     return chosen
 
 
+# Upstream's spelling rows beside its conversations (SmolTalk): mid 200K SimpleSpelling + 80K SpellingBee beside
+# 460K; SFT 300 + 300 beside 10K. We keep those ratios to our conversation count, capped at upstream's sizes: the
+# real SmolTalk (460K) gets upstream's numbers, the mirror's ~2.6K conversations ~1.1K + 450 (mid), 79 + 79 (SFT).
+SPELLING_MIX = {"mid": ((200_000, 80_000), 460_000), "sft": ((300, 300), 10_000)}
+
+
+def spelling_sizes(name: str, n_conversations: int) -> tuple[int, int]:
+    """(SimpleSpelling, SpellingBee) rows of a mixture with n_conversations conversations."""
+    _check_choice("mixture", name, MIXTURES)
+    caps, per = SPELLING_MIX[name]
+    return tuple(min(cap, round(n_conversations * cap / per)) for cap in caps)
+
+
 def mixture_sources(name: str, split: str = "train") -> list[list[dict]]:
     """The task lists that make up a mixture. Val: held-out conversations (+ MMLU/GSM8K test for mid)."""
     _check_choice("mixture", name, MIXTURES)
     _check_choice("mixture split", split, CONVERSATION_SPLITS)
     if split == "val":
         return [smoltalk("val"), mmlu("test"), gsm8k("test")] if name == "mid" else [smoltalk("val")]
+    conversations = smoltalk("train")
+    n_simple, n_bee = spelling_sizes(name, len(conversations))
+    spelling = [simple_spelling(n_simple), spelling_bee(n_bee)]
     if name == "mid":
-        return [smoltalk("train"), mmlu_auxiliary_train(), gsm8k("train")]
-    return [arc("ARC-Easy", "train"), arc("ARC-Challenge", "train"), gsm8k("train"), smoltalk("train")]
+        return [conversations, mmlu_auxiliary_train(), gsm8k("train"), *spelling]
+    return [arc("ARC-Easy", "train"), arc("ARC-Challenge", "train"), gsm8k("train"), conversations, *spelling]
 
 
 def mixture(name: str, seed: int = 42, limit: int | None = None, split: str = "train") -> list[dict]:
     """The "mid" or "sft" training mixture as one deterministic, shuffled list of conversations.
 
-    mid = conversations + MMLU auxiliary_train + GSM8K train; sft = ARC-Easy train + ARC-Challenge train
-    + GSM8K train + conversations. `limit` caps the total, taking from each source in proportion to its size.
+    mid = conversations + MMLU auxiliary_train + GSM8K train + SimpleSpelling + SpellingBee; sft = ARC-Easy train
+    + ARC-Challenge train + GSM8K train + conversations + SimpleSpelling + SpellingBee (spelling sizes: see
+    spelling_sizes). `limit` caps the total, taking from each source in proportion to its size.
     split="val" gives the matching validation mixture (held-out conversations; mid adds MMLU and GSM8K test).
     """
     return interleave(mixture_sources(name, split), seed=seed, limit=limit)

@@ -1,5 +1,6 @@
 """Chat eval on a tiny random-init GPT and a tiny trained tokenizer: config checks, the categorical scoring
-path checked by hand, GSM8K answer matching, the full evaluate() and the stage CLI."""
+path checked by hand, GSM8K and SpellingBee answer matching, ChatCORE's task list, the full evaluate() and the
+stage CLI."""
 
 import json
 import os
@@ -123,6 +124,65 @@ def test_evaluate_tiny_model(model, tokenizer, shared_data):
     mean = sum(r["centered"] for r in results["tasks"].values()) / 3
     assert results["ChatCORE"] == pytest.approx(mean)
     assert all(s["completion"] in ("A", "B", "C", "D") for s in results["tasks"]["MMLU"]["samples"])
+
+
+def test_spelling_bee_runs_beside_chatcore_not_in_it(model, tokenizer, shared_data):
+    assert chat_eval.CHATCORE_TASKS == ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
+    assert "SpellingBee" in chat_eval.VALID_TASKS and chat_eval.BASELINES["SpellingBee"] == 0.0
+    config = ChatEvalConfig(tasks="SpellingBee,ARC-Easy", max_per_task=3, max_new_tokens=6)
+    results = chat_eval.evaluate(config, model, tokenizer)
+    bee = results["tasks"]["SpellingBee"]
+    assert bee["n"] == 3 and bee["baseline"] == 0.0 and bee["centered"] == bee["accuracy"]
+    assert all(s["answer"].isdigit() and isinstance(s["completion"], str) for s in bee["samples"])
+    assert results["ChatCORE_tasks"] == ["ARC-Easy"]
+    assert results["ChatCORE"] == pytest.approx(results["tasks"]["ARC-Easy"]["centered"])
+    metrics = chat_eval.flat_metrics(results)
+    assert set(metrics) == {"SpellingBee", "ARC-Easy", "ChatCORE"}
+    only = chat_eval.evaluate(ChatEvalConfig(tasks="SpellingBee", max_per_task=1, max_new_tokens=2), model, tokenizer)
+    assert only["ChatCORE"] is None and only["ChatCORE_tasks"] == []  # no ChatCORE task ran: no ChatCORE
+    assert chat_eval.flat_metrics(only) == {"SpellingBee": only["tasks"]["SpellingBee"]["accuracy"]}
+
+
+def test_spelling_bee_answers_are_checked_like_gsm8k(shared_data):
+    items = chat_eval.load_task("SpellingBee")
+    assert len(items) == chat_eval.SPELLING_BEE_SIZE == 256 and items == tasks.spelling_bee(256, "test")
+    check = chat_eval.GENERATIVE_CHECKS["SpellingBee"]
+    item = items[0]
+    # the reference answer as the Engine would decode it (tool call and forced output included) is right
+    wrap = {"python": "<|python_start|>{}<|python_end|>", "python_output": "<|output_start|>{}<|output_end|>"}
+    reference = "".join(wrap.get(p["type"], "{}").format(p["text"]) for p in item["messages"][1]["content"])
+    assert check(item, reference)
+    assert not check(item, reference.replace(f"#### {item['answer']}", f"#### {int(item['answer']) + 1}"))
+    assert not check(item, f"The answer is {item['answer']}")  # no '#### N': no answer
+
+
+@pytest.mark.parametrize("max_per_task", [1, 2, 300])
+def test_max_per_task_of_any_size(model, tokenizer, shared_data, max_per_task):
+    """Fewer items than asked for, or just one: every count is right."""
+    assert len(chat_eval.eval_subset(chat_eval.load_task("SpellingBee"), max_per_task, 42)) == min(max_per_task, 256)
+    if max_per_task > 2:
+        return  # running 256 generations adds nothing here
+    results = chat_eval.evaluate(ChatEvalConfig(tasks="MMLU,SpellingBee", max_per_task=max_per_task,
+                                                max_new_tokens=2), model, tokenizer)
+    assert [r["n"] for r in results["tasks"].values()] == [max_per_task, max_per_task]
+
+
+def test_fewer_items_than_ranks(model, tiny_tokenizer_dir, tmp_path, shared_data):
+    """max_per_task=1 under 2 ranks: rank 1 has nothing to do but still joins the count."""
+    save_tiny_model(model, tmp_path / "model")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "nanochat_core.chat_eval", "--model", str(tmp_path / "model"), "--tokenizer", str(tiny_tokenizer_dir),
+           "--tasks", "ARC-Easy,SpellingBee", "--max-per-task", "1", "--max-new-tokens", "2", "--device-type", "cpu",
+           "--out", str(tmp_path / "out")]
+    subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["n"] for r in results["tasks"].values()] == [1, 1]
+    assert results["ChatCORE_tasks"] == ["ARC-Easy"]
+
+
+def test_evaluate_task_rejects_unknown_names(model, tokenizer):
+    with pytest.raises(ConfigError, match="SpellingBee"):
+        chat_eval.evaluate_task(ChatEvalConfig(), "Spelling", model, tokenizer)
 
 
 def test_prompts_longer_than_the_context_are_cropped_and_counted(tokenizer, shared_data):

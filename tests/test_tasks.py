@@ -167,3 +167,111 @@ def test_proportional_quotas():
     assert sum(tasks.proportional_quotas([7, 5, 3], 10)) == 10
     assert tasks.proportional_quotas([3, 4], 100) == [3, 4]
     assert tasks.proportional_quotas([3, 4], 0) == [0, 0]
+
+
+# -----------------------------------------------------------------------------
+# SpellingBee and SimpleSpelling
+
+def assistant_text(parts: list[dict]) -> str:
+    """The assistant turn as the Engine's output decodes: tool call and forced output in their special tokens."""
+    wrap = {"python": "<|python_start|>{}<|python_end|>", "python_output": "<|output_start|>{}<|output_end|>"}
+    return "".join(wrap.get(p["type"], "{}").format(p["text"]) for p in parts)
+
+
+def test_word_list_is_derived_from_the_mirror_shards(shared_data):
+    assert not (shared_data / tasks.WORD_LIST_NAME).exists()  # the mirror has no words_alpha.txt
+    words = tasks.word_list()
+    assert 10_000 < len(words) < 40_000 and list(words) == sorted(set(words))
+    assert all(w.isascii() and w.isalpha() and w.islower() and len(w) >= 3 for w in words)
+    assert {"the", "function", "president", "python"} <= set(words)
+    shards = [str(p) for p in sorted((shared_data / "pretrain").glob("*.parquet"))[:-1]]
+    assert tasks.words_from_shards(shards) == words  # deterministic: the train shards, >= MIN_WORD_COUNT times
+
+
+def test_words_from_shards_rules(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = "The cat sat. the cat's cat_name isn't Python3 cat catx; ok cat mat mat mat utf8"
+    pq.write_table(pa.table({"text": [text]}), tmp_path / "s.parquet")
+    # "the" x1 and "The"/"cat's"/"cat_name"/"Python3"/"utf8" are not counted; "ok" is too short
+    assert tasks.words_from_shards([str(tmp_path / "s.parquet")], min_count=2) == ("cat", "mat")
+    with pytest.raises(DataError, match="no word occurs"):
+        tasks.words_from_shards([str(tmp_path / "s.parquet")], min_count=10)
+
+
+def test_word_list_file_in_the_mirror_wins_and_missing_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "words").mkdir()
+    (tmp_path / "words" / "words_alpha.txt").write_text("apple\nbanana\n\nCherry\n")
+    monkeypatch.setenv("NANOCHAT_DATA", str(tmp_path))
+    assert tasks.word_list() == ("apple", "banana")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("NANOCHAT_DATA", str(empty))
+    with pytest.raises(DataError, match="words_alpha.txt does not exist.*no shards"):
+        tasks.spelling_bee(1)
+    assert tasks.spelling_bee(0) == []  # no word list needed for nothing
+
+
+def test_spelling_bee_items_are_deterministic_and_counted_right(shared_data):
+    items = tasks.spelling_bee(200)
+    assert items == tasks.spelling_bee(200)
+    test = tasks.spelling_bee(200, "test")
+    assert test == tasks.spelling_bee(200, "test")
+    # upstream seeded test item i with -(i+1), the same stream as train item i+1; ours are disjoint
+    assert all(t["messages"] != x["messages"] for t, x in zip(test, items[1:], strict=False))
+    from nanochat_core.calculator import calculate
+
+    for item in items + test:
+        word, letter, answer = item["word"], item["letter"], item["answer"]
+        user, assistant = item["messages"][0]["content"], item["messages"][1]["content"]
+        assert answer == str(word.count(letter)) and word in user and letter in user
+        text = assistant_text(assistant)
+        assert f"{word}:{','.join(word)}" in text  # spelled out
+        assert text.count(" hit! count=") == word.count(letter)  # the manual count
+        python = next(p["text"] for p in assistant if p["type"] == "python")
+        assert calculate(python) == word.count(letter)  # the Engine's calculator gives the same count
+        assert tasks.extract_gsm8k_answer(text) == answer and text.endswith(f"#### {answer}")
+    assert sum(i["letter"] not in i["word"] for i in items) > 0  # ~10% ask for a letter the word lacks
+    assert len({i["messages"][0]["content"][:12] for i in items}) > 20  # many templates
+
+
+def test_spelling_bee_renders_with_the_tool_masked(shared_data, tiny_tokenizer_dir):
+    from nanochat_core.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tiny_tokenizer_dir)
+    item = tasks.spelling_bee(1)[0]
+    ids, mask = tokenizer.render_conversation(item, max_tokens=10**6)
+    out_start, out_end = tokenizer.encode_special("<|output_start|>"), tokenizer.encode_special("<|output_end|>")
+    a, b = ids.index(out_start), ids.index(out_end)
+    assert set(mask[a : b + 1]) == {0} and tokenizer.decode(ids[a + 1 : b]) == item["answer"]
+    assert mask[ids.index(tokenizer.encode_special("<|python_start|>"))] == 1
+
+
+def test_simple_spelling(shared_data):
+    items = tasks.simple_spelling(50)
+    assert items == tasks.simple_spelling(50) and items != tasks.simple_spelling(50, "test")
+    for item in items:
+        word = item["word"]
+        assert item["messages"] == [{"role": "user", "content": f"Spell the word: {word}"},
+                                    {"role": "assistant", "content": f"{word}:{','.join(word)}"}]
+    with pytest.raises(ValueError, match="spelling split"):
+        tasks.simple_spelling(1, "val")
+    with pytest.raises(ValueError, match="size"):
+        tasks.spelling_bee(-1)
+
+
+def test_spelling_sizes_follow_upstream_ratios():
+    assert tasks.spelling_sizes("mid", 460_000) == (200_000, 80_000)  # SmolTalk: upstream's sizes
+    assert tasks.spelling_sizes("mid", 10**7) == (200_000, 80_000)  # capped
+    assert tasks.spelling_sizes("sft", 460_000) == (300, 300)
+    assert tasks.spelling_sizes("mid", 2619) == (1139, 455) and tasks.spelling_sizes("sft", 2619) == (79, 79)
+
+
+def test_mixtures_include_spelling(shared_data):
+    for name in tasks.MIXTURES:
+        sources = tasks.mixture_sources(name)
+        n_conversations = len(tasks.smoltalk("train"))
+        simple, bee = sources[-2:]
+        assert (len(simple), len(bee)) == tasks.spelling_sizes(name, n_conversations)
+        assert simple[0]["messages"][0]["content"].startswith("Spell the word: ") and "letter" in bee[0]
