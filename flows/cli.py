@@ -1,8 +1,11 @@
 """The `nanochat` command.
 
     nanochat speedrun --preset tiny [--store DIR|s3://...] [--data DIR|URL] [--port 8000] [--set sft.num_iterations=30]
+                      [--rl]
+    nanochat evaluate [--checkpoint DIR] [--store DIR] [--tasks auto|CORE,ARC-Easy,...] [--max-per-task N]
     nanochat serve --checkpoint URI [--host 127.0.0.1] [--port 8000]
     nanochat chat --checkpoint URI [-p PROMPT]
+    nanochat deploy [--store DIR] [--cron "0 3 * * *"]   (register the deployments and run them here)
 
 With no PREFECT_API_URL, flows run against Prefect's local ephemeral server.
 """
@@ -10,8 +13,10 @@ With no PREFECT_API_URL, flows run against Prefect's local ephemeral server.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from nanochat_core.artifacts import ArtifactError
 from nanochat_core.config import ConfigError
@@ -37,17 +42,51 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     quiet_prefect_defaults()
     from flows.speedrun import resolve_data, speedrun, stage_configs
     from nanochat_core.artifacts import check_store
+    from nanochat_core.launch import Nodes
 
     # Check what the user typed before any server or process starts, so mistakes fail in a second.
     check_store(args.store)
-    stage_configs(args.preset, overrides, resolve_data(args.data))
+    stage_configs(args.preset, overrides, resolve_data(args.data), rl=args.rl)
+    Nodes(args.nnodes, 0, args.master_addr, args.master_port).validate()
     summary = speedrun(preset=args.preset, store=args.store, port=args.port, host=args.host, data=args.data,
-                       overrides=overrides, nproc=args.nproc, serve=not args.no_serve)
+                       overrides=overrides, nproc=args.nproc, serve=not args.no_serve, rl=args.rl,
+                       nnodes=args.nnodes, master_addr=args.master_addr, master_port=args.master_port)
     print("\nstage       cached  seconds  artifact")
     for name, info in summary["stages"].items():
         print(f"{name:<11} {'yes' if info['cached'] else 'no':<7} {info['seconds']:>7.1f}  {info['uri']}")
+    print(f"\nreport card: {Path(args.store) / 'runs' / summary['run_id'] / 'report.md'}")
     if summary["server"]:
         print(f"\nchat server: {summary['server']['url']} (pid {summary['server']['pid']})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    quiet_prefect_defaults()
+    from flows.evaluate import eval_config, evaluate
+    from nanochat_core.artifacts import check_store
+
+    check_store(args.store)
+    eval_config(args.tasks, args.max_per_task, args.device_type)
+    if args.checkpoint and not Path(args.checkpoint).is_dir():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} is not a directory")
+    out = evaluate(checkpoint=args.checkpoint, store=args.store, tasks=args.tasks, max_per_task=args.max_per_task,
+                   device_type=args.device_type, nproc=args.nproc)
+    for kind in ("evaluated", "already"):
+        for e in out[kind]:
+            shown = {k: v for k, v in e["metrics"].items() if k not in ("phase", "step")}
+            print(f"{'new ' if kind == 'evaluated' else 'kept'} {e['phase']} step {e['step']}: {json.dumps(shown)}")
+    if not out["evaluated"] and not out["already"]:
+        print("no models found")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    quiet_prefect_defaults()
+    from flows.deploy import serve_deployments
+    from nanochat_core.artifacts import check_store
+
+    check_store(args.store)
+    serve_deployments(args.store, cron=args.cron, tasks=args.tasks, max_per_task=args.max_per_task)
     return 0
 
 
@@ -92,7 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes per node for the training stages")
     p.add_argument("--set", action="append", metavar="STAGE.FIELD=VALUE", help="override a stage config value")
     p.add_argument("--no-serve", action="store_true", help="stop after evaluation; do not start the server")
+    p.add_argument("--rl", action="store_true", help="also run the optional RL stage (GSM8K) after SFT")
+    p.add_argument("--nnodes", type=int, default=1, help="hosts for the training stages (workers on node-K queues)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="this host's address, reachable from the others")
+    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on this host")
     p.set_defaults(func=cmd_speedrun)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint, or every model in the store without a result")
+    p.add_argument("--checkpoint", default=None, help="a model or checkpoint directory (default: all in --store)")
+    p.add_argument("--store", default="./store", help="store to scan and to keep results in")
+    p.add_argument("--tasks", default="auto", help="auto (CORE for base, chat tasks for chat models) or a list")
+    p.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all)")
+    p.add_argument("--device-type", default="", help="cpu | cuda | mps (default: autodetect)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per evaluation")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("deploy", help="register the speedrun/serve/evaluate deployments and run them here")
+    p.add_argument("--store", default="./store", help="the store the deployments use")
+    p.add_argument("--cron", default="0 3 * * *", help="schedule of the evaluate deployment (UTC)")
+    p.add_argument("--tasks", default="auto", help="task set of scheduled and event-triggered evaluations")
+    p.add_argument("--max-per-task", type=int, default=-1)
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("serve", help="serve a chat model artifact (web UI + OpenAI-compatible API)")
     p.add_argument("--checkpoint", required=True, help="URI of a model artifact (e.g. <store>/sft/<key>)")

@@ -1,15 +1,19 @@
 """The speedrun flow: every stage of the pipeline in order for a preset, then the chat server.
 
-shards -> tokenizer -> base (torchrun) -> mid (torchrun) -> sft (torchrun) -> eval -> serve
+shards -> tokenizer -> base -> base_eval -> mid -> mid_eval -> sft -> sft_eval [-> rl -> rl_eval] -> serve
+(training stages under torchrun; each *_eval node is the eval stage on that model: CORE for base, the chat
+tasks for mid/sft, GSM8K for rl)
 
 Each stage is a cached task (see flows/tasks.py), so running the flow again skips finished stages, a
 crashed training stage resumes from its newest checkpoint, and changing one stage's config re-runs
 that stage and the ones after it only. Every run writes `<store>/runs/<run id>/summary.json`
-({"stages": {name: {uri, digest, cached, seconds}}, "server": {url, pid}}) and `report.md`.
+({"stages": {node: {uri, digest, cached, seconds}}, "server": {url, pid}}), `report.md` and the loss-curve
+PNGs it shows; the report card, the summary table and the curves are also Prefect artifacts.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -19,14 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, runtime
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
+from flows.params import Preset, StageOverrides, overrides_dict
 from flows.serve import start_server_task
 from flows.tasks import run_stage
 from nanochat_core import artifacts, report, stages
 from nanochat_core.config import ConfigError, config_to_dict
 from nanochat_core.data.sources import DATA_ENV, data_root
+from nanochat_core.launch import Nodes
 from nanochat_core.presets import build_configs, preset_values
 
 
@@ -37,78 +43,118 @@ def resolve_data(data: str | None) -> str:
     return data_root() or ""  # raises DataError with the path when the directory is missing
 
 
-def stage_configs(preset: str, overrides: dict[str, dict[str, Any]] | None, data: str) -> dict[str, dict[str, Any]]:
+def stage_configs(preset: str, overrides: dict[str, dict[str, Any]] | None, data: str,
+                  rl: bool = False) -> dict[str, dict[str, Any]]:
     values = preset_values(preset, overrides)
     values.setdefault("shards", {}).setdefault("source", data)  # the source is part of the shards' identity
-    return {stage: config_to_dict(cfg) for stage, cfg in build_configs(preset, values).items()}
+    return {stage: config_to_dict(cfg) for stage, cfg in build_configs(preset, values, rl=rl).items()}
 
 
-def write_run_files(run_dir: str, summary: dict[str, Any], report_md: str) -> None:
+def write_run_file(run_dir: str, name: str, data: bytes) -> None:
     if artifacts.is_remote(run_dir):
-        fs = artifacts.filesystem(run_dir)
-        fs.pipe(artifacts.join_uri(run_dir, "report.md"), report_md.encode())
-        fs.pipe(artifacts.join_uri(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-        return
-    path = artifacts.local_path(run_dir)
-    artifacts.atomic_write_bytes(path / "report.md", report_md.encode())
-    artifacts.atomic_write_bytes(path / "summary.json", json.dumps(summary, indent=2).encode())
+        artifacts.filesystem(run_dir).pipe(artifacts.join_uri(run_dir, name), data)
+    else:
+        artifacts.atomic_write_bytes(artifacts.local_path(run_dir) / name, data)
 
 
-def report_input(run_id: str, started: str, summary: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:
+def loss_curves(summary: dict[str, Any]) -> dict[str, bytes]:
+    """{training node: PNG of its loss curve}, from the curve each training stage keeps in its meta.json."""
+    pngs = {}
+    for name in ("base", "mid", "sft", "rl"):
+        if name not in summary["stages"]:
+            continue
+        meta = artifacts.read_artifact_file(summary["stages"][name]["uri"], "meta.json")
+        curve = (json.loads(meta).get("loop_state") or {}).get("loss_curve") if meta else None
+        if curve:
+            pngs[name] = report.loss_curve_png(curve, title=f"{name}: training loss")
+    return pngs
+
+
+def report_input(run_id: str, started: str, summary: dict[str, Any], configs: dict[str, Any],
+                 nodes: dict[str, stages.Node]) -> dict[str, Any]:
     """The dict nanochat_core.report.render_report expects, from the stage manifests."""
-    stage_info, evals = {}, {}
+    stage_info = {}
     for name, info in summary["stages"].items():
         manifest = artifacts.read_manifest(info["uri"])
-        stage_info[name] = {"metrics": manifest["metrics"], "config": configs[name],
+        stage = nodes[name].stage
+        stage_info[name] = {"stage": stage, "metrics": manifest["metrics"], "config": configs[stage],
                             "seconds": info["seconds"], "cached": info["cached"]}
-    if "eval" in stage_info:
-        evals["sft"] = stage_info["eval"]["metrics"]
-    return {"run_id": run_id, "started": started, "stages": stage_info, "evals": evals}
+    return {"run_id": run_id, "started": started, "stages": stage_info}
+
+
+def publish_report(run_dir: str, run: dict[str, Any], summary: dict[str, Any], preset: str) -> str:
+    """Write report.md and the loss curves into the run dir and publish them as Prefect artifacts."""
+    pngs = loss_curves(summary)
+    for name, png in pngs.items():
+        write_run_file(run_dir, f"{name}_loss.png", png)
+        create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(),
+                              key=f"{name}-loss-curve", description=f"{preset}: {name} training loss")
+    card = report.render_report({**run, "curves": {name: f"{name}_loss.png" for name in pngs}})
+    write_run_file(run_dir, "report.md", card.encode())
+    create_markdown_artifact(markdown=card, key="report-card", description=f"nanochat {preset} report card")
+    evals = report.summary_evals(run)
+    rows = [{"metric": row, **{col.upper(): evals[col].get(row, "-") for col in report.SUMMARY_COLUMNS}}
+            for row in report.SUMMARY_ROWS]
+    create_table_artifact(table=rows, key="report-summary", description=f"nanochat {preset}: BASE / MID / SFT / RL")
+    return card
 
 
 @flow(name="speedrun", log_prints=True)
 def speedrun(
-    preset: str = "tiny",
+    preset: Preset = "tiny",
     store: str = "./store",
     port: int = 8000,
     host: str = "127.0.0.1",
     data: str | None = None,
-    overrides: dict[str, dict[str, Any]] | None = None,
+    overrides: StageOverrides | None = None,  # type: ignore[valid-type]
     nproc: int = 1,
     serve: bool = True,
+    rl: bool = False,
+    nnodes: int = 1,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
 ) -> dict[str, Any]:
-    """Run the whole pipeline for `preset` into `store`; returns the run summary."""
+    """Run the whole pipeline for `preset` into `store` (RL too when `rl`); returns the run summary.
+
+    overrides: per stage, config fields to change from the preset's values (empty fields keep them).
+    nnodes > 1: distributed stages run on nnodes hosts (this one is node 0, reachable at master_addr); the
+    others are `train-node` runs on work queues node-1.. (flows/multinode.py); the store must be shared."""
     logger = get_run_logger()
+    overrides = overrides_dict(overrides)
+    nodes = Nodes(nnodes, 0, master_addr, master_port)
+    nodes.validate()
     if nproc < 1:
         raise ConfigError(f"nproc must be >= 1, got {nproc}")
     if not artifacts.is_remote(store):
         store = str(Path(store).expanduser().resolve())
     artifacts.check_store(store)
-    configs = stage_configs(preset, overrides, resolve_data(data))
+    configs = stage_configs(preset, overrides, resolve_data(data), rl=rl)
     run_id = str(runtime.flow_run.id or uuid.uuid4())
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run_dir = artifacts.join_uri(store, "runs", run_id)
     logger.info(f"speedrun {preset}: store {store}, run {run_id}")
 
+    nodes = {node.name: node for node in stages.pipeline(rl)}
     refs: dict[str, artifacts.ArtifactRef] = {}
     summary: dict[str, Any] = {"run_id": run_id, "preset": preset, "started": started, "stages": {}, "server": None}
     t_start = time.time()
-    for stage in stages.PIPELINE:
-        inputs = {flag: refs[upstream] for flag, upstream in stages.STAGES[stage].inputs}
-        ref, cached, seconds = run_stage(stage, configs[stage], inputs, store, nproc=nproc)
-        refs[stage] = ref
-        summary["stages"][stage] = {"uri": ref.uri, "digest": ref.digest, "cached": cached,
-                                    "seconds": round(seconds, 2)}
-        logger.info(f"{stage}: {'Cached' if cached else 'done'} in {seconds:.1f}s -> {ref.uri}")
+    for node in nodes.values():
+        inputs = {flag: refs[upstream] for flag, upstream in node.inputs}
+        ref, cached, seconds = run_stage(node.stage, configs[node.stage], inputs, store, nproc=nproc, name=node.name,
+                                         nodes=nodes)
+        refs[node.name] = ref
+        summary["stages"][node.name] = {"uri": ref.uri, "digest": ref.digest, "cached": cached,
+                                        "seconds": round(seconds, 2)}
+        logger.info(f"{node.name}: {'Cached' if cached else 'done'} in {seconds:.1f}s -> {ref.uri}")
     summary["wall_seconds"] = round(time.time() - t_start, 2)
 
-    card = report.render_report(report_input(run_id, started, summary, configs))
-    create_markdown_artifact(markdown=card, key="report-card", description=f"nanochat {preset} report card")
+    card = publish_report(run_dir, report_input(run_id, started, summary, configs, nodes), summary, preset)
     if serve:
         state_dir = artifacts.local_path(store) / "runs" if not artifacts.is_remote(store) else (
             Path.home() / ".cache" / "nanochat" / "servers")
         info = start_server_task(refs["sft"].to_dict(), host, port, str(state_dir))
         summary["server"] = {"url": info["url"], "pid": info["pid"]}
-    write_run_files(run_dir, summary, card)
+    write_run_file(run_dir, "summary.json", json.dumps(summary, indent=2).encode())
+    logger.info(f"report card: {artifacts.join_uri(run_dir, 'report.md')} ({len(card.splitlines())} lines)")
     logger.info(f"summary: {artifacts.join_uri(run_dir, 'summary.json')}")
     return summary

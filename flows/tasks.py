@@ -28,6 +28,7 @@ from prefect.states import State
 from nanochat_core import artifacts, stages
 from nanochat_core.artifacts import ArtifactError, ArtifactRef
 from nanochat_core.common import parse_structured_line
+from nanochat_core.launch import Nodes
 
 
 def _refs(inputs: dict[str, dict[str, str]]) -> dict[str, ArtifactRef]:
@@ -47,8 +48,9 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 class StageOutput:
     """Turns a stage process's output lines into logs, a progress artifact, a terminal bar and events."""
 
-    def __init__(self, stage: str, logger, log_every: float = 10.0):
-        self.stage, self.logger, self.log_every = stage, logger, log_every
+    def __init__(self, stage: str, logger, log_every: float = 10.0, label: str | None = None, store: str = ""):
+        self.stage, self.logger, self.log_every, self.store = stage, logger, log_every, store
+        self.label = label or stage  # the pipeline node (base_eval, ...) for progress
         self.artifact_id = None
         self.last_update = self.last_log = 0.0
         self.tty = sys.stderr.isatty()
@@ -70,7 +72,7 @@ class StageOutput:
         now = time.time()
         if self.tty:
             bar = "#" * int(pct / 5)
-            sys.stderr.write(f"\r{self.stage:>9} [{bar:<20}] {pct:5.1f}% {step}/{total} {extras}"[:150])
+            sys.stderr.write(f"\r{self.label:>9} [{bar:<20}] {pct:5.1f}% {step}/{total} {extras}"[:150])
             sys.stderr.flush()
             if step >= total:
                 sys.stderr.write("\n")
@@ -78,12 +80,13 @@ class StageOutput:
             self.last_update = now
             if self.artifact_id is None:
                 self.artifact_id = create_progress_artifact(
-                    progress=pct, key=f"{self.stage}-progress", description=f"{self.stage}: steps done")
+                    progress=pct, key=f"{self.label.replace('_', '-')}-progress",
+                    description=f"{self.label}: steps done")
             else:
                 update_progress_artifact(self.artifact_id, pct)
         if now - self.last_log >= self.log_every or step >= total:
             self.last_log = now
-            self.logger.info(f"{self.stage} step {step}/{total} {extras}")
+            self.logger.info(f"{self.label} step {step}/{total} {extras}")
 
     def checkpoint(self, c: dict[str, Any]) -> None:
         self.logger.info(f"checkpoint saved: {c.get('path')} (step {c.get('step')})")
@@ -91,36 +94,57 @@ class StageOutput:
             event="nanochat.checkpoint.saved",
             resource={"prefect.resource.id": f"nanochat.checkpoint.{self.stage}.{c.get('step')}",
                       "nanochat.stage": self.stage, "nanochat.path": str(c.get("path"))},
-            payload=c,
+            payload={**c, "store": self.store},  # where the evaluate flow puts its results
         )
 
 
 @task(cache_key_fn=stage_cache_key, result_serializer="json", persist_result=True)
 def stage_task(stage: str, config: dict[str, Any], inputs: dict[str, dict[str, str]], store: str,
-               nproc: int = 1) -> dict[str, str]:
-    """Produce the stage's artifact (or find it in the store) and return its reference as a dict."""
+               nproc: int = 1, nnodes: int = 1, master_addr: str = "127.0.0.1",
+               master_port: int = 29500) -> dict[str, str]:
+    """Produce the stage's artifact (or find it in the store) and return its reference as a dict.
+    With nnodes > 1 this is node 0 of a multi-node stage (flows/multinode.py starts the other nodes)."""
     logger = get_run_logger()
     plan = _plan(stage, config, inputs, store)
-    done = stages.find_done(plan)
+    done = stages.find_done(plan, deep=True)
     if done is not None:
         logger.info(f"{stage}: found complete artifact {done.uri} in the store")
         return done.to_dict()
     for flag, ref in _refs(inputs).items():  # never train on a damaged upstream checkpoint
-        artifacts.verify_artifact(ref.uri, ref.digest, deep=True)
+        artifacts.verify_input(ref)
         logger.info(f"{stage}: input {flag} verified ({ref.uri})")
     logger.info(f"{stage}: computing into {plan.work_dir}")
-    ref = stages.execute(plan, _refs(inputs), nproc=nproc, on_line=StageOutput(stage, logger))
+    output = StageOutput(stage, logger, label=TaskRunContext.get().task_run.name, store=store)
+    nodes = Nodes(nnodes, 0, master_addr, master_port)
+    nodes.validate()
+    if nnodes == 1:
+        return stages.execute(plan, _refs(inputs), nproc=nproc, on_line=output).to_dict()
+    from flows.multinode import start_other_nodes, wait_for_nodes
+
+    others = start_other_nodes({"stage": stage, "config": config, "inputs": inputs, "store": store,
+                                "nproc": nproc}, nodes)
+    logger.info(f"{stage}: started nodes 1..{nnodes - 1}: {', '.join(r.name for r in others)}")
+    ref = stages.execute(plan, _refs(inputs), nproc=nproc, on_line=output, nodes=nodes)
+    wait_for_nodes(others)
     return ref.to_dict()
 
 
 def run_stage(stage: str, config: dict[str, Any], inputs: dict[str, ArtifactRef], store: str,
-              nproc: int = 1) -> tuple[ArtifactRef, bool, float]:
-    """Run one stage task; returns (reference, came from cache, seconds)."""
+              nproc: int = 1, name: str | None = None, nodes: Nodes | None = None) -> tuple[ArtifactRef, bool, float]:
+    """Run one stage task (shown as `name`, default the stage); returns (reference, came from cache, seconds).
+    `nodes` spreads a distributed stage over several hosts (node 0 is this one)."""
     params = {"stage": stage, "config": config, "inputs": {k: v.to_dict() for k, v in inputs.items()},
               "store": store, "nproc": nproc}
+    if nodes is not None and nodes.nnodes > 1 and stages.STAGES[stage].distributed:
+        params.update(nnodes=nodes.nnodes, master_addr=nodes.master_addr, master_port=nodes.master_port)
     plan = _plan(stage, config, params["inputs"], store)
-    intact = stages.find_done(plan) is not None
-    options: dict[str, Any] = {"name": stage, "task_run_name": stage, "refresh_cache": not intact}
+    # Deep (sha256) check before trusting a cache hit: a flipped byte is found here and the stage recomputed,
+    # instead of a later stage loading it.
+    done, why = stages.damage(plan, deep=True)
+    intact = done is not None
+    if not intact and artifacts.read_manifest_bytes(plan.uri) is not None:
+        get_run_logger().warning(f"{name or stage}: the stored artifact is not usable ({why}); recomputing it")
+    options: dict[str, Any] = {"name": name or stage, "task_run_name": name or stage, "refresh_cache": not intact}
     if not artifacts.is_remote(store):
         options["result_storage"] = Path(artifacts.local_path(store)).resolve() / ".prefect-results"
     t0 = time.time()

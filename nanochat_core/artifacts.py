@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "MANIFEST.json"
+INPUTS = ".inputs.json"  # a stage's upstream refs, in its work dir while it computes (hidden: not in the manifest)
+CHECKPOINT_FILES = ("model.pt", "meta.json")  # what loading a model reads
 PACKAGE_ROOT = Path(__file__).resolve().parent
 RUST_SRC = PACKAGE_ROOT.parent / "rustbpe" / "src"
 
@@ -239,13 +241,18 @@ def write_manifest(
     return hashlib.sha256(data).hexdigest()
 
 
-def read_manifest_bytes(uri: str) -> bytes | None:
-    target = join_uri(uri, MANIFEST)
+def read_artifact_file(uri: str, name: str) -> bytes | None:
+    """The bytes of one file of an artifact (local or remote), None when it is not there."""
+    target = join_uri(uri, name)
     if is_remote(uri):
         fs = filesystem(uri)
         return fs.cat_file(target) if fs.exists(target) else None
     p = local_path(target)
     return p.read_bytes() if p.is_file() else None
+
+
+def read_manifest_bytes(uri: str) -> bytes | None:
+    return read_artifact_file(uri, MANIFEST)
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
@@ -283,6 +290,26 @@ def verify_artifact(uri: str, digest: str | None = None, deep: bool = False) -> 
             if actual_sha != info["sha256"]:
                 raise ArtifactError(f"artifact {uri}: file {rel} is corrupt (sha256 mismatch)")
     return ArtifactRef(uri=uri, digest=actual)
+
+
+def checkpoint_ref(path: str | Path) -> ArtifactRef:
+    """A reference to a model directory without a manifest (a training checkpoint), by the content of the
+    files loading it reads: evaluating the same weights twice gives the same key, wherever they lie."""
+    p = Path(path)
+    missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
+    if missing:
+        raise ArtifactError(f"{p} is not a model checkpoint: it has no {', '.join(missing)}")
+    return ArtifactRef(str(p.resolve()), sha256_json({f: sha256_file(p / f) for f in CHECKPOINT_FILES}))
+
+
+def verify_input(ref: ArtifactRef) -> None:
+    """Deep check of an upstream reference before a stage reads it: an artifact against its manifest, a
+    checkpoint (a local model directory without one) against its content digest."""
+    if not is_remote(ref.uri) and read_manifest_bytes(ref.uri) is None and local_path(ref.uri).is_dir():
+        if checkpoint_ref(local_path(ref.uri)).digest != ref.digest:
+            raise ArtifactError(f"checkpoint {ref.uri} changed since it was referenced (content digest mismatch)")
+        return
+    verify_artifact(ref.uri, ref.digest, deep=True)
 
 
 def find_artifact(store: str, stage: str, key: str, deep: bool = False) -> ArtifactRef | None:

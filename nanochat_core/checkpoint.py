@@ -8,13 +8,13 @@ Layout of a training stage's output directory:
         optim_rank{r}.pt               every rank: [opt.state_dict() for opt in optimizers] (Muon/AdamW shard per rank)
         loader_rank{r}.json            every rank: its data loader position
         state_rank{r}.pt               every rank: RNG states + whatever else the loop keeps per rank
-        COMPLETE                       written last, just before the rename
+        COMPLETE                       written last, just before the rename: step, world size, every file's sha256
     <out>/checkpoints/.tmp-step_000400/  being written (or left by a crash): ignored, removed at the next save
     <out>/model.pt, <out>/meta.json    the final model (save_final_model / load_model)
 
 Every rank creates the temporary directory itself (upstream only rank 0 did, so the other ranks could not
-write their optimizer shards). Files load with weights_only=True (no pickle); a damaged file is a
-CheckpointError that names it.
+write their optimizer shards). Files load with weights_only=True (no pickle) after their sha256 is checked
+against COMPLETE's list; a damaged file is a CheckpointError that names it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nanochat_core.artifacts import sha256_file
 from nanochat_core.common import DistInfo
 from nanochat_core.gpt import GPT, GPTConfig
 
@@ -187,8 +188,9 @@ def save_checkpoint(
         _write_torch(tmp / "model.pt", model_state_dict(model))
         _write_json(tmp / "meta.json", {**meta, "step": step, "world_size": dist_info.world_size})
     _barrier()  # every shard is on disk
-    if rank == 0:
-        _write_json(tmp / COMPLETE, {"step": step, "world_size": dist_info.world_size})
+    if rank == 0:  # the marker lists every file's sha256, so a damaged file is refused, never loaded
+        digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_json(tmp / COMPLETE, {"step": step, "world_size": dist_info.world_size, "sha256": digests})
         if final.exists():  # the same step saved again (e.g. preempted right after resuming)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -206,6 +208,27 @@ def _prune(root: Path, keep: int) -> None:
     if keep > 0:
         for p in done[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def verify_checkpoint_files(ckpt_dir: str | Path, names: list[str]) -> None:
+    """Check these files of a committed checkpoint against the sha256 its COMPLETE marker lists."""
+    ckpt_dir = Path(ckpt_dir)
+    listed = _load_json(ckpt_dir / COMPLETE).get("sha256")
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"{ckpt_dir / COMPLETE} lists no file digests: it cannot be verified")
+    for name in names:
+        path = ckpt_dir / name
+        if name not in listed or not path.is_file():
+            raise CheckpointError(f"checkpoint file missing: {path}")
+        if sha256_file(path) != listed[name]:
+            raise CheckpointError(f"checkpoint file {path} is damaged: its sha256 differs from the one recorded "
+                                  "when it was saved")
+
+
+def rank_files(ckpt_dir: str | Path, rank: int) -> list[str]:
+    """The files one rank reads when it resumes from this checkpoint."""
+    names = ["model.pt", "meta.json", f"optim_rank{rank}.pt", f"state_rank{rank}.pt"]
+    return names + ([f"loader_rank{rank}.json"] if (Path(ckpt_dir) / f"loader_rank{rank}.json").exists() else [])
 
 
 def checkpoint_meta(ckpt_dir: str | Path) -> dict:
@@ -256,6 +279,8 @@ def load_model(model_dir: str | Path, device: torch.device | str, phase: str = "
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     model_dir, device = Path(model_dir), torch.device(device)
+    if (model_dir / COMPLETE).is_file():  # a training checkpoint: refuse damaged weights
+        verify_checkpoint_files(model_dir, ["model.pt", "meta.json"])
     meta = _load_json(model_dir / "meta.json")
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise CheckpointError(f"{model_dir / 'meta.json'} has no 'model_config' object")

@@ -196,6 +196,9 @@ class _Prefetcher:
                 self.queue.get_nowait()
         except queue.Empty:
             pass
+        # wait for the group in flight: a thread still inside pyarrow when the interpreter exits aborts it
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=30)
 
 
 def _prefetch_groups(files, groups, tokenizer, bos, num_threads, epoch, cursor, out: queue.Queue,

@@ -15,6 +15,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from nanochat_core.config import ConfigError
 
 
 class StageFailed(RuntimeError):
@@ -25,8 +28,31 @@ def python_command(module: str, args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def torchrun_command(module: str, args: Sequence[str], nproc: int, extra: Sequence[str] = ()) -> list[str]:
-    launcher = list(extra) if extra else ["--standalone"]
+@dataclass(frozen=True)
+class Nodes:
+    """Where this torchrun sits in a multi-node job: node_rank of nnodes, all meeting at node 0's
+    master_addr:master_port (static rendezvous, so global ranks follow node order and a resumed run
+    gives every rank the same data and optimizer shard as before)."""
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def validate(self) -> None:
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank must be in [0, nnodes), got node_rank={self.node_rank} nnodes={self.nnodes}")
+        if not 0 < self.master_port < 65536 or not self.master_addr:
+            raise ConfigError(f"bad rendezvous address {self.master_addr}:{self.master_port}")
+
+    def launcher_flags(self) -> list[str]:
+        if self.nnodes == 1:
+            return ["--standalone"]
+        return [f"--nnodes={self.nnodes}", f"--node_rank={self.node_rank}", f"--master_addr={self.master_addr}",
+                f"--master_port={self.master_port}"]
+
+
+def torchrun_command(module: str, args: Sequence[str], nproc: int, nodes: Nodes | None = None) -> list[str]:
+    launcher = (nodes or Nodes()).launcher_flags()
     return [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", "-m", module, *args]
 
 

@@ -26,7 +26,10 @@ _TINY: dict[str, dict[str, Any]] = {
             "eval_every": 40, "eval_steps": 8, "save_every": 40, "max_examples": 4000, "device_type": "cpu"},
     "sft": {"num_iterations": 60, "device_batch_size": 8, "examples_per_step": 16, "max_seq_len": 256,
             "eval_every": 30, "eval_steps": 4, "save_every": 30, "max_examples": 2000, "device_type": "cpu"},
-    "eval": {"tasks": "ARC-Easy,GSM8K", "max_per_task": 32, "max_new_tokens": 96, "device_type": "cpu"},
+    "rl": {"num_iterations": 6, "examples_per_step": 2, "num_samples": 4, "device_batch_size": 4,
+           "max_new_tokens": 64, "max_eval": 16, "eval_samples": 2, "eval_every": -1, "save_every": 3,
+           "device_type": "cpu"},
+    "eval": {"tasks": "auto", "max_per_task": 16, "max_new_tokens": 96, "device_type": "cpu"},
 }
 
 
@@ -39,7 +42,8 @@ def _tier(depth: int, shards: int, device_batch_size: int, tok_chars: int) -> di
         "mid": {"device_batch_size": device_batch_size, "max_seq_len": 2048, "total_batch_size": 524288,
                 "save_every": 500},
         "sft": {"device_batch_size": 4, "save_every": 200},
-        "eval": {"tasks": "ARC-Easy,ARC-Challenge,MMLU,GSM8K"},
+        "rl": {"device_batch_size": 8, "save_every": 60},
+        "eval": {"tasks": "auto"},
     }
 
 
@@ -53,26 +57,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 def preset_values(preset: str, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """The preset's stage values with overrides applied (no validation of field names yet)."""
-    from nanochat_core.stages import PIPELINE
+    from nanochat_core.stages import STAGES
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     values = copy.deepcopy(PRESETS[preset])
     for stage, fields in (overrides or {}).items():
-        if stage not in PIPELINE:
-            raise ConfigError(f"override for unknown stage {stage!r}; stages are {PIPELINE}")
+        if stage not in STAGES:
+            raise ConfigError(f"override for unknown stage {stage!r}; stages are {list(STAGES)}")
         if not isinstance(fields, dict):
             raise ConfigError(f"override for stage {stage!r} must be an object of field values, got {fields!r}")
         values.setdefault(stage, {}).update(fields)
     return values
 
 
-def build_configs(preset: str, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Validated config objects for every stage of the pipeline."""
-    from nanochat_core.stages import PIPELINE, make_config
+def build_configs(preset: str, overrides: dict[str, dict[str, Any]] | None = None, rl: bool = False) -> dict[str, Any]:
+    """Validated config objects for the stages of the pipeline (its eval nodes share the "eval" one)."""
+    from nanochat_core.stages import make_config, pipeline
 
     values = preset_values(preset, overrides)
-    return {stage: make_config(stage, values.get(stage, {})) for stage in PIPELINE}
+    stages = dict.fromkeys(node.stage for node in pipeline(rl))
+    return {stage: make_config(stage, values.get(stage, {})) for stage in stages}
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

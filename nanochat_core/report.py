@@ -8,18 +8,20 @@ The run dict:
       "run_id": "speedrun-tiny-...",            # any string
       "started": "2026-01-01T12:00:00+00:00",    # ISO time (or any string) the run started
       "seconds": 1234.5,                         # optional: total wall time; else the sum of stage times
-      "stages": {                                # in pipeline order; any subset, other stage names allowed
+      "stages": {                                # pipeline nodes in order; any subset, other names allowed
         "tokenizer": {"metrics": {...}, "config": {...}, "seconds": 12.3, "cached": False},
-        "base": {...}, "mid": {...}, "sft": {...}, "eval": {...}, "rl": {...},
+        "base": {...}, "base_eval": {"stage": "eval", ...}, "mid": {...}, "mid_eval": {...}, "sft": {...},
+        "sft_eval": {...}, "rl": {...}, "rl_eval": {...},        # "stage": the stage a node runs, if not its name
       },
       "evals": {                                 # summary-table numbers per model phase, any subset
         "base": {"CORE": 0.22},
         "mid": {"ARC-Easy": 0.35, "GSM8K": 0.02, "ChatCORE": 0.07},
         "sft": {...}, "rl": {"GSM8K": 0.07},
       },
+      "curves": {"base": "base_loss.png", ...}   # optional: loss-curve images (paths relative to the report)
     }
-Cells "evals" lacks are filled from the base stage's "CORE" metric (BASE column) and the eval stage's metrics
-(SFT column: the eval stage evaluates the SFT model). Missing cells show "-".
+Cells "evals" lacks are filled from the `<phase>_eval` node's metrics (and the base node's own "CORE", if it
+has one). The Wall time row adds up each phase's training and evaluation nodes. Missing cells show "-".
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ from typing import Any
 
 from nanochat_core.artifacts import atomic_write_bytes
 
-STAGE_ORDER = ("shards", "tokenizer", "base", "mid", "sft", "eval", "rl")
+STAGE_ORDER = ("shards", "tokenizer", "base", "base_eval", "mid", "mid_eval", "sft", "sft_eval", "rl", "rl_eval")
 STAGE_TITLES = {
     "shards": "Data shards", "tokenizer": "Tokenizer training", "base": "Base model training",
-    "mid": "Midtraining", "sft": "Chat SFT", "eval": "Chat evaluation", "rl": "Chat RL",
+    "base_eval": "Base model evaluation", "mid": "Midtraining", "mid_eval": "Midtraining evaluation",
+    "sft": "Chat SFT", "sft_eval": "Chat evaluation (SFT)", "rl": "Chat RL", "rl_eval": "Chat evaluation (RL)",
 }
 # config fields worth showing per stage (all fields are shown for stages not listed)
 CONFIG_HIGHLIGHTS = {
@@ -55,7 +58,8 @@ CONFIG_HIGHLIGHTS = {
 # headline metrics shown first, in this order, when present; the rest follow alphabetically
 METRIC_HIGHLIGHTS = ("vocab_size", "bytes_per_token", "val_bpb", "unigram_bpb", "CORE", "steps", "tok_per_sec",
                      "tokens_per_sec", "mfu", "train_seconds", "training_time", "val_loss", "train_loss")
-SUMMARY_ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
+SUMMARY_ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "SpellingBee")
+WALL_TIME_ROW = "Wall time"
 SUMMARY_COLUMNS = ("base", "mid", "sft", "rl")
 
 
@@ -147,35 +151,49 @@ def ordered_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in first + sorted(k for k in metrics if k not in first)}
 
 
-def stage_section(name: str, stage: dict[str, Any]) -> list[str]:
+def stage_section(name: str, stage: dict[str, Any], curve: str | None = None) -> list[str]:
     lines = [f"## {STAGE_TITLES.get(name, name)}", ""]
     seconds = stage.get("seconds")
     timing = format_duration(seconds) if isinstance(seconds, (int, float)) else "-"
     lines.append(f"wall time: {timing}" + (" (cached: reused from an earlier run)" if stage.get("cached") else ""))
     config = stage.get("config") or {}
-    wanted = CONFIG_HIGHLIGHTS.get(name)
+    wanted = CONFIG_HIGHLIGHTS.get(stage.get("stage", name))
     shown = {k: config[k] for k in wanted if k in config} if wanted is not None else dict(config)
     if shown:
         lines += ["", "Config:", *bullet_list(shown)]
     metrics = stage.get("metrics") or {}
     if metrics:
         lines += ["", "Metrics:", *bullet_list(ordered_metrics(metrics))]
+    if curve:
+        lines += ["", f"![{name} training loss]({curve})"]
     return lines + [""]
 
 
 def summary_evals(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-phase numbers for the summary table: "evals", with gaps filled from the stages (module doc)."""
     stages = run.get("stages") or {}
-    base = (stages.get("base") or {}).get("metrics") or {}
-    fallback = {
-        "base": {"CORE": base["CORE"]} if "CORE" in base else {},
-        "sft": (stages.get("eval") or {}).get("metrics") or {},
-    }
     evals = run.get("evals") or {}
-    return {col: {**fallback.get(col, {}), **(evals.get(col) or {})} for col in SUMMARY_COLUMNS}
+    table = {}
+    for col in SUMMARY_COLUMNS:
+        own = (stages.get(col) or {}).get("metrics") or {}
+        from_eval = (stages.get(f"{col}_eval") or {}).get("metrics") or {}
+        table[col] = {**({"CORE": own["CORE"]} if "CORE" in own else {}), **from_eval, **(evals.get(col) or {})}
+    return table
 
 
-def summary_table(evals: dict[str, dict[str, Any]]) -> list[str]:
+def phase_seconds(run: dict[str, Any]) -> dict[str, float]:
+    """Wall time per phase: its training node plus its evaluation node (phases that did not run are left out)."""
+    stages = run.get("stages") or {}
+    out = {}
+    for col in SUMMARY_COLUMNS:
+        times = [(stages.get(n) or {}).get("seconds") for n in (col, f"{col}_eval") if n in stages]
+        times = [t for t in times if isinstance(t, (int, float))]
+        if times:
+            out[col] = float(sum(times))
+    return out
+
+
+def summary_table(evals: dict[str, dict[str, Any]], seconds: dict[str, float] | None = None) -> list[str]:
     header = "| Metric | " + " | ".join(c.upper() for c in SUMMARY_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(SUMMARY_COLUMNS) + 1)]
     for row in SUMMARY_ROWS:
@@ -184,6 +202,9 @@ def summary_table(evals: dict[str, dict[str, Any]]) -> list[str]:
             value = (evals.get(column) or {}).get(row)
             cells.append(f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    seconds = seconds or {}
+    cells = [format_duration(seconds[c]) if c in seconds else "-" for c in SUMMARY_COLUMNS]
+    lines.append(f"| {WALL_TIME_ROW} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -202,10 +223,11 @@ def render_report(run: dict[str, Any], system: dict[str, str] | None = None) -> 
     lines = ["# nanochat training report", "", f"Generated: {generated}", ""]
     lines += [f"- Run: {run.get('run_id', '-')}", f"- Run started: {run.get('started', '-')}"]
     lines += ["", "## Environment", "", *bullet_list(system), ""]
+    curves = run.get("curves") or {}
     for name in ordered_stages(stages):
-        lines += stage_section(name, stages[name] or {})
+        lines += stage_section(name, stages[name] or {}, curves.get(name))
     cached = sum(1 for s in stages.values() if (s or {}).get("cached"))
-    lines += ["## Summary", "", *summary_table(summary_evals(run)), ""]
+    lines += ["## Summary", "", *summary_table(summary_evals(run), phase_seconds(run)), ""]
     lines.append(f"Total wall clock time: {format_duration(total_seconds(run))}"
                  + (f" ({cached} of {len(stages)} stages cached)" if cached else ""))
     return "\n".join(lines) + "\n"
@@ -216,16 +238,21 @@ def render_report(run: dict[str, Any], system: dict[str, str] | None = None) -> 
 
 def save_loss_curve(points: list[tuple[float, float]], path: str | Path, title: str = "loss",
                     ylabel: str = "loss") -> None:
-    """Plot [(step, loss), ...] to a PNG (Agg canvas, no pyplot global state), written atomically."""
+    """Plot [(step, loss), ...] to a PNG file, written atomically."""
+    atomic_write_bytes(path, loss_curve_png(points, title, ylabel))
+
+
+def loss_curve_png(points: list[tuple[float, float]], title: str = "loss", ylabel: str = "loss") -> bytes:
+    """Plot [(step, loss), ...] as PNG bytes (Agg canvas, no pyplot global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not points:
-        raise ValueError("save_loss_curve: no points to plot")
+        raise ValueError("loss curve: no points to plot")
     try:
         pairs = [(float(step), float(loss)) for step, loss in points]
     except (TypeError, ValueError) as e:
-        raise ValueError(f"save_loss_curve: points must be (step, loss) number pairs: {e}") from e
+        raise ValueError(f"loss curve: points must be (step, loss) number pairs: {e}") from e
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -235,4 +262,4 @@ def save_loss_curve(points: list[tuple[float, float]], path: str | Path, title: 
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()

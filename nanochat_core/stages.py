@@ -24,7 +24,7 @@ from typing import Any
 from nanochat_core import artifacts
 from nanochat_core.artifacts import ArtifactError, ArtifactRef
 from nanochat_core.config import config_from_dict, config_to_dict
-from nanochat_core.launch import python_command, run_streaming, torchrun_command
+from nanochat_core.launch import Nodes, python_command, run_streaming, torchrun_command
 
 
 @dataclass(frozen=True)
@@ -32,26 +32,51 @@ class StageSpec:
     name: str
     module: str  # entry point module (python -m / torchrun -m)
     config_class: str  # attribute of `module`
-    inputs: tuple[tuple[str, str], ...]  # (CLI flag, upstream stage)
+    inputs: tuple[str, ...]  # CLI flags naming upstream artifacts
     distributed: bool  # launched with torchrun
 
     def config_cls(self) -> type:
         return getattr(importlib.import_module(self.module), self.config_class)
 
 
-TOK = ("tokenizer", "tokenizer")
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec("shards", "nanochat_core.data.shards", "ShardsConfig", (), False),
-        StageSpec("tokenizer", "nanochat_core.tokenizer", "TokenizerConfig", (("shards", "shards"),), False),
-        StageSpec("base", "nanochat_core.train.base", "BaseTrainConfig", (("shards", "shards"), TOK), True),
-        StageSpec("mid", "nanochat_core.train.mid", "MidTrainConfig", (("base", "base"), TOK), True),
-        StageSpec("sft", "nanochat_core.train.sft", "SFTConfig", (("mid", "mid"), TOK), True),
-        StageSpec("eval", "nanochat_core.chat_eval", "ChatEvalConfig", (("model", "sft"), TOK), True),
+        StageSpec("tokenizer", "nanochat_core.tokenizer", "TokenizerConfig", ("shards",), False),
+        StageSpec("base", "nanochat_core.train.base", "BaseTrainConfig", ("shards", "tokenizer"), True),
+        StageSpec("mid", "nanochat_core.train.mid", "MidTrainConfig", ("base", "tokenizer"), True),
+        StageSpec("sft", "nanochat_core.train.sft", "SFTConfig", ("mid", "tokenizer"), True),
+        StageSpec("rl", "nanochat_core.train.rl", "RLConfig", ("model", "tokenizer"), True),
+        StageSpec("eval", "nanochat_core.eval", "EvalConfig", ("model", "tokenizer"), True),
     ]
 }
-PIPELINE = list(STAGES)  # dependency order
+
+
+@dataclass(frozen=True)
+class Node:
+    """One step of the pipeline: a stage run on particular upstream nodes (eval runs after every model)."""
+    name: str  # unique in the pipeline: the task name, the key in summaries and reports
+    stage: str
+    inputs: tuple[tuple[str, str], ...] = ()  # (CLI flag, upstream node)
+
+
+def pipeline(rl: bool = False) -> list[Node]:
+    """The speedrun's nodes in dependency order; RL (and its evaluation) only when asked for, as upstream."""
+    tok = ("tokenizer", "tokenizer")
+    nodes = [
+        Node("shards", "shards"),
+        Node("tokenizer", "tokenizer", (("shards", "shards"),)),
+        Node("base", "base", (("shards", "shards"), tok)),
+        Node("base_eval", "eval", (("model", "base"), tok)),
+        Node("mid", "mid", (("base", "base"), tok)),
+        Node("mid_eval", "eval", (("model", "mid"), tok)),
+        Node("sft", "sft", (("mid", "mid"), tok)),
+        Node("sft_eval", "eval", (("model", "sft"), tok)),
+    ]
+    if rl:
+        nodes += [Node("rl", "rl", (("model", "sft"), tok)), Node("rl_eval", "eval", (("model", "rl"), tok))]
+    return nodes
 
 
 @dataclass(frozen=True)
@@ -69,39 +94,47 @@ class StagePlan:
 def make_config(stage: str, values: dict[str, Any] | None = None) -> Any:
     """The stage's config object from a dict of field values (strictly checked)."""
     if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; stages are {PIPELINE}")
+        raise KeyError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
     return config_from_dict(STAGES[stage].config_cls(), values or {})
 
 
 def plan_stage(stage: str, config: Any, inputs: dict[str, ArtifactRef], store: str) -> StagePlan:
     spec = STAGES[stage]
-    missing = [flag for flag, _ in spec.inputs if flag not in inputs]
+    missing = [flag for flag in spec.inputs if flag not in inputs]
     if missing:
         raise ValueError(f"stage {stage} needs inputs {missing}")
     cfg = config_to_dict(config)
-    upstream = {flag: inputs[flag].digest for flag, _ in spec.inputs}
+    upstream = {flag: inputs[flag].digest for flag in spec.inputs}
     code = artifacts.code_version(spec.module)
     key = artifacts.cache_key(stage, cfg, upstream, code)
-    input_uris = {flag: inputs[flag].uri for flag, _ in spec.inputs}
+    input_uris = {flag: inputs[flag].uri for flag in spec.inputs}
     return StagePlan(stage, key, artifacts.join_uri(store, stage, key), artifacts.staging_dir(store, stage, key),
                      code, cfg, upstream, input_uris)
 
 
-def find_done(plan: StagePlan) -> ArtifactRef | None:
-    """The finished artifact of this plan if the store has it intact."""
+def find_done(plan: StagePlan, deep: bool = False) -> ArtifactRef | None:
+    """The finished artifact of this plan if the store has it intact (file sizes; sha256 too when deep)."""
+    return damage(plan, deep)[0]
+
+
+def damage(plan: StagePlan, deep: bool = False) -> tuple[ArtifactRef | None, str | None]:
+    """(the intact artifact, None), or (None, why it is not usable: missing, incomplete or damaged)."""
     try:
-        return artifacts.verify_artifact(plan.uri)
-    except ArtifactError:
-        return None
+        return artifacts.verify_artifact(plan.uri, deep=deep), None
+    except ArtifactError as e:
+        return None, str(e)
 
 
-def stage_command(plan: StagePlan, input_dirs: dict[str, Path], config_path: Path, nproc: int) -> list[str]:
+def stage_command(plan: StagePlan, input_dirs: dict[str, Path], config_path: Path, nproc: int,
+                  nodes: Nodes | None = None) -> list[str]:
     spec = STAGES[plan.stage]
     args = ["--out", str(plan.work_dir), "--config", str(config_path)]
-    for flag, _ in spec.inputs:
+    for flag in spec.inputs:
         args += [f"--{flag}", str(input_dirs[flag])]
     if spec.distributed:
-        return torchrun_command(spec.module, args, nproc)
+        return torchrun_command(spec.module, args, nproc, nodes)
+    if nodes is not None and nodes.nnodes > 1:
+        raise ValueError(f"stage {plan.stage} runs in one process; it cannot be spread over {nodes.nnodes} nodes")
     return python_command(spec.module, args)
 
 
@@ -140,28 +173,45 @@ def _lock_work_dir(work_dir: Path):
     return handle
 
 
+def run_process(plan: StagePlan, inputs: dict[str, ArtifactRef], nproc: int = 1,
+                on_line: Callable[[str], None] | None = None, timeout: float | None = None,
+                nodes: Nodes | None = None) -> None:
+    """The stage's process (this node's torchrun, for a distributed stage) computing into plan.work_dir."""
+    input_dirs = {flag: artifacts.materialize(ref) for flag, ref in inputs.items()}
+    fd, cfg_path = tempfile.mkstemp(prefix=f"nanochat-{plan.stage}-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(plan.config, f)
+    try:
+        spec = STAGES[plan.stage]
+        nproc = nproc if spec.distributed else 1
+        cmd = stage_command(plan, input_dirs, Path(cfg_path), nproc, nodes)
+        kwargs = {"on_line": on_line} if on_line else {}
+        run_streaming(cmd, env=thread_env(nproc), timeout=timeout, **kwargs)
+    finally:
+        os.unlink(cfg_path)
+
+
 def execute(
     plan: StagePlan,
     inputs: dict[str, ArtifactRef],
     nproc: int = 1,
     on_line: Callable[[str], None] | None = None,
     timeout: float | None = None,
+    nodes: Nodes | None = None,
 ) -> ArtifactRef:
-    """Run the stage's process into plan.work_dir and commit the artifact."""
-    input_dirs = {flag: artifacts.materialize(ref) for flag, ref in inputs.items()}
+    """Run the stage's process into plan.work_dir and commit the artifact. In a multi-node stage this is
+    node 0's part (the other nodes run `run_process` with their node_rank; node 0 alone commits)."""
+    if nodes is not None and nodes.node_rank != 0:
+        raise ValueError("only node 0 commits a stage; run the other nodes with run_process")
     lock = _lock_work_dir(plan.work_dir)
-    (plan.work_dir / artifacts.MANIFEST).unlink(missing_ok=True)  # being (re)computed: incomplete
-    fd, cfg_path = tempfile.mkstemp(prefix=f"nanochat-{plan.stage}-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(plan.config, f)
     try:
-        spec = STAGES[plan.stage]
-        cmd = stage_command(plan, input_dirs, Path(cfg_path), nproc if spec.distributed else 1)
-        kwargs = {"on_line": on_line} if on_line else {}
-        run_streaming(cmd, env=thread_env(nproc if spec.distributed else 1), timeout=timeout, **kwargs)
+        (plan.work_dir / artifacts.MANIFEST).unlink(missing_ok=True)  # being (re)computed: incomplete
+        # so that a checkpoint in this directory can be traced to its inputs (the tokenizer) before it is done
+        artifacts.atomic_write_bytes(plan.work_dir / artifacts.INPUTS,
+                                     json.dumps({flag: ref.to_dict() for flag, ref in inputs.items()}).encode())
+        run_process(plan, inputs, nproc, on_line, timeout, nodes)
         return commit(plan)
     finally:
-        os.unlink(cfg_path)
         lock.close()
 
 
@@ -170,3 +220,56 @@ def run_stage(stage: str, config: Any, inputs: dict[str, ArtifactRef], store: st
     """Plain-Python entry: return the finished artifact, computing it only if the store lacks it."""
     plan = plan_stage(stage, config, inputs, store)
     return find_done(plan) or execute(plan, inputs, nproc=nproc, on_line=on_line)
+
+
+# ---------------------------------------------------------------------------------------------
+# models in a store (what the evaluate flow looks at)
+
+MODEL_STAGES = ("base", "mid", "sft", "rl")
+
+
+def find_models(store: str) -> list[Path]:
+    """Every model under a local store: each training stage's finished model and the complete checkpoints
+    of finished and still-running stages, oldest step first within a stage directory."""
+    from nanochat_core.checkpoint import complete_checkpoints
+
+    if artifacts.is_remote(store):
+        raise ArtifactError(f"finding checkpoints under a remote store ({store}) is not supported; "
+                            "name the checkpoint instead")
+    root = artifacts.local_path(store)
+    found = []
+    for stage in MODEL_STAGES:
+        for work in sorted(p for p in (root / stage).glob("*") if p.is_dir()):
+            found += complete_checkpoints(work)
+            if (work / artifacts.MANIFEST).is_file() and (work / "model.pt").is_file():
+                found.append(work)
+    return found
+
+
+def model_ref(model_dir: str | Path) -> ArtifactRef:
+    """A stage's finished model by its manifest; a checkpoint by the content of its weights and meta."""
+    model_dir = Path(model_dir)
+    if (model_dir / artifacts.MANIFEST).is_file():
+        return artifacts.verify_artifact(str(model_dir.resolve()))
+    return artifacts.checkpoint_ref(model_dir)
+
+
+def model_tokenizer(model_dir: str | Path) -> ArtifactRef:
+    """The tokenizer a model was trained with: from its artifact's manifest or, for a checkpoint inside a
+    stage's directory (finished or not), from that stage's manifest or inputs record."""
+    model_dir = Path(model_dir)
+    places = [model_dir]
+    if model_dir.parent.name == "checkpoints":
+        places.append(model_dir.parent.parent)
+    for place in places:
+        manifest = artifacts.read_manifest_bytes(str(place))
+        if manifest is not None:
+            m = json.loads(manifest)
+            if "tokenizer" in m.get("inputs", {}) and "tokenizer" in m.get("upstream", {}):
+                return ArtifactRef(m["inputs"]["tokenizer"], m["upstream"]["tokenizer"])
+        if (place / artifacts.INPUTS).is_file():
+            recorded = json.loads((place / artifacts.INPUTS).read_text())
+            if "tokenizer" in recorded:
+                return ArtifactRef.from_dict(recorded["tokenizer"])
+    raise ArtifactError(f"cannot tell which tokenizer {model_dir} was trained with: no manifest or "
+                        f"{artifacts.INPUTS} naming one beside it; is it a model of a nanochat store?")

@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nanochat_core import artifacts
+
 # Small enough to run every stage in seconds on 2 cores; the real tiny preset is exercised by `make speedrun`.
 MICRO = {
     "tokenizer": {"vocab_size": 512, "max_chars": 2_000_000},
@@ -26,9 +28,9 @@ MICRO = {
             "eval_every": 4, "eval_steps": 2, "save_every": 4, "max_examples": 400},
     "sft": {"num_iterations": 6, "max_seq_len": 64, "device_batch_size": 4, "examples_per_step": 8,
             "eval_every": 3, "eval_steps": 2, "save_every": 3, "max_examples": 200},
-    "eval": {"max_per_task": 4, "max_new_tokens": 16},
+    "eval": {"max_per_task": 2, "max_new_tokens": 16},
 }
-STAGES = ["shards", "tokenizer", "base", "mid", "sft", "eval"]
+STAGES = ["shards", "tokenizer", "base", "base_eval", "mid", "mid_eval", "sft", "sft_eval"]
 
 
 def free_port() -> int:
@@ -84,6 +86,16 @@ def cached(summary):
     return {name: info["cached"] for name, info in summary["stages"].items()}
 
 
+def prefect_artifacts(keys: list[str]) -> dict[str, str]:
+    """{key: type} of the artifacts with these keys on the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    return {a.key: a.type for a in found}
+
+
 def chat(url: str, text: str) -> str:
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0.0}
     with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as r:
@@ -103,7 +115,23 @@ def test_speedrun_end_to_end_then_all_cached(prefect_api, store, server_pids):
     on_disk = json.loads(summary_path.read_text())
     assert set(on_disk["stages"]["base"]) == {"uri", "digest", "cached", "seconds"}
     assert on_disk["server"]["url"] == f"http://127.0.0.1:{port}"
-    assert (Path(store) / "runs" / first["run_id"] / "report.md").read_text().startswith("#")
+    run_dir = Path(store) / "runs" / first["run_id"]
+    card = (run_dir / "report.md").read_text()
+    assert card.startswith("# nanochat training report")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in card.split("## Summary")[1].splitlines() if line.startswith("| ")}
+    # every row with data shows it; RL did not run, so its column is all "-"
+    assert rows["CORE"][0] != "-" and rows["CORE"][1:] == ["-", "-", "-"]
+    for task in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "SpellingBee"):
+        assert rows[task][0] == "-" and "-" not in rows[task][1:3] and rows[task][3] == "-", (task, rows[task])
+    assert rows["Wall time"][3] == "-" and "-" not in rows["Wall time"][:3]
+    for phase in ("base", "mid", "sft"):
+        assert f"![{phase} training loss]({phase}_loss.png)" in card
+        assert (run_dir / f"{phase}_loss.png").read_bytes()[:4] == b"\x89PNG"
+    published = prefect_artifacts(["report-card", "report-summary", "base-loss-curve", "mid-loss-curve",
+                                   "sft-loss-curve"])
+    assert published == {"report-card": "markdown", "report-summary": "table", "base-loss-curve": "image",
+                         "mid-loss-curve": "image", "sft-loss-curve": "image"}
     assert httpx.get(f"{first['server']['url']}/health", timeout=10).status_code == 200
     assert isinstance(chat(first["server"]["url"], "Hello!"), str)
 
@@ -121,19 +149,22 @@ def test_speedrun_end_to_end_then_all_cached(prefect_api, store, server_pids):
 
 def test_changing_one_sft_parameter_reruns_sft_and_later_only(prefect_api, store):
     summary = run_flow(store, overrides=with_overrides(sft={"num_iterations": 4}), serve=False)
-    assert cached(summary) == {"shards": True, "tokenizer": True, "base": True, "mid": True,
-                               "sft": False, "eval": False}
+    assert cached(summary) == {"shards": True, "tokenizer": True, "base": True, "base_eval": True, "mid": True,
+                               "mid_eval": True, "sft": False, "sft_eval": False}
 
 
 def test_damaged_artifact_is_recomputed_not_served_from_cache(prefect_api, store):
     before = run_flow(store, overrides=MICRO, serve=False)
     assert all(cached(before).values())
     mid_dir = Path(before["stages"]["mid"]["uri"])
-    (mid_dir / "model.pt").unlink()
+    weights = mid_dir / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the sha256 check can tell
+    weights.write_bytes(bytes(data))
     after = run_flow(store, overrides=MICRO, serve=False)
-    assert cached(after) == {"shards": True, "tokenizer": True, "base": True, "mid": False,
-                             "sft": False, "eval": False}
-    assert (mid_dir / "model.pt").is_file()
+    assert cached(after) == {"shards": True, "tokenizer": True, "base": True, "base_eval": True, "mid": False,
+                             "mid_eval": False, "sft": False, "sft_eval": False}
+    assert artifacts.verify_artifact(str(mid_dir), deep=True).digest == after["stages"]["mid"]["digest"]
 
 
 def test_kill_during_pretraining_then_resume(prefect_api, store, tmp_path):

@@ -63,18 +63,32 @@ def test_report_sections_header_and_total_time():
 def test_report_fallback_without_evals():
     run = partial_run()
     del run["evals"]
-    run["stages"]["base"]["metrics"]["CORE"] = 0.11
-    run["stages"]["eval"] = {"metrics": {"ARC-Easy": 0.4, "ChatCORE": 0.2}, "config": {"tasks": "ARC-Easy"},
-                             "seconds": 1.0, "cached": False}
-    rows = summary_rows(report.render_report(run, system=SYSTEM))
+    run["stages"]["base_eval"] = {"stage": "eval", "metrics": {"CORE": 0.11, "phase": "base"},
+                                  "config": {"tasks": "auto", "secret": 1}, "seconds": 15.0, "cached": False}
+    run["stages"]["sft_eval"] = {"stage": "eval", "metrics": {"ARC-Easy": 0.4, "ChatCORE": 0.2, "SpellingBee": 0.5},
+                                 "config": {"tasks": "auto"}, "seconds": 1.0, "cached": False}
+    text = report.render_report(run, system=SYSTEM)
+    rows = summary_rows(text)
     assert rows["CORE"] == ["0.1100", "-", "-", "-"]
     assert rows["ARC-Easy"] == ["-", "-", "0.4000", "-"]
+    assert rows["SpellingBee"] == ["-", "-", "0.5000", "-"]
+    assert "- tasks: auto" in text and "secret" not in text  # eval nodes show the eval stage's highlights
+    # wall time per phase: its training node plus its evaluation node
+    assert "| Wall time | 2m20s | - | 31.0s | - |" in text
     # cells given in "evals" win; the others still come from the stages
     run["evals"] = {"sft": {"ARC-Easy": 0.5}}
     rows = summary_rows(report.render_report(run, system=SYSTEM))
     assert rows["CORE"] == ["0.1100", "-", "-", "-"]
     assert rows["ARC-Easy"] == ["-", "-", "0.5000", "-"]
     assert rows["ChatCORE"] == ["-", "-", "0.2000", "-"]
+
+
+def test_loss_curves_are_linked_from_their_stage_section():
+    run = partial_run()
+    run["curves"] = {"base": "base_loss.png"}
+    text = report.render_report(run, system=SYSTEM)
+    base_section = text.split("## Base model training")[1].split("##")[0]
+    assert "![base training loss](base_loss.png)" in base_section
 
 
 def test_empty_run_renders():

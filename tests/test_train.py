@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_core.checkpoint import latest_checkpoint, load_model
+from nanochat_core.checkpoint import CheckpointError, latest_checkpoint, load_model
 from nanochat_core.config import ConfigError
 from nanochat_core.gpt import GPT, config_for_depth
 from nanochat_core.loss_eval import evaluate_bpb, unigram_bpb
@@ -176,6 +176,29 @@ def test_sigkill_then_sigterm_then_rerun_ends_bitwise_equal(base_ref, shards_dir
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == int(stopped.name.split("_")[1]) and metrics["steps"] == 30
     assert same_weights(tmp_path, base_ref)
+
+
+def test_a_damaged_checkpoint_is_refused_and_an_older_one_resumed(base_ref, shards_dir, tiny_tokenizer_dir,
+                                                                  tmp_path):
+    """A byte flipped in the newest checkpoint's weights: the resume names the damaged file, passes over it
+    for the one before, retrains from there and still ends bitwise equal to the uninterrupted run."""
+    run = tmp_path / "run"
+    shutil.copytree(base_ref, run)
+    for name in ("metrics.json", "model.pt", "meta.json"):  # as if the run had died after its last checkpoint
+        (run / name).unlink()
+    weights = run / "checkpoints" / "step_000030" / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_model(weights.parent, "cpu")
+    result = subprocess.run(base_command(shards_dir, tiny_tokenizer_dir, run), capture_output=True, text=True,
+                            env=env(), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{weights} is damaged" in result.stderr
+    assert "resuming from" in result.stdout and "step_000025" in result.stdout
+    assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == 25
+    assert same_weights(run, base_ref)
 
 
 def test_two_ranks_under_torchrun_write_every_shard(shards_dir, tiny_tokenizer_dir, tmp_path):

@@ -14,6 +14,7 @@ With --out holding checkpoints of an interrupted run, training resumes from the 
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
     cfg = config_to_dict(config)
     resumed = session.resume(cfg)
     start = resumed.step if resumed else 0
-    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_bpb": None}
+    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_bpb": None, "loss_curve": []}
     counts = (resumed.rank_state["token_counts"].to(d.device) if resumed
               else torch.zeros(vocab_size, dtype=torch.long, device=d.device))  # training targets seen, this rank
     loader = PretrainLoader(shards_dir, tokenizer, config.device_batch_size, config.max_seq_len, "train",
@@ -153,7 +154,8 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
 
     val_targets = None
     run_info = {**cfg, "num_params": num_params, "num_iterations": num_iterations, "world_size": d.world_size}
-    with Preemption() as preempt, WandbLog.start("nanochat", run_info, d) as wandb:
+    # closing(): the loader's thread stops even when preemption or an error ends the loop
+    with Preemption() as preempt, WandbLog.start("nanochat", run_info, d) as wandb, closing(loader):
         loader_state = loader.state_dict()  # position of the batch we are about to fetch
         x, y = next(loader)
         for step in range(start, num_iterations + 1):
@@ -182,10 +184,10 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
             loss_value = (train_loss / grad_accum).item()
             dt = time.time() - t0
             loop["train_seconds"] += dt
-            report_step(step, num_iterations, wandb, loss_value, lrm, config.total_batch_size, dt,
-                        mfu_percent(flops_per_token, config.total_batch_size, dt, peak, d.world_size))
+            mfu = mfu_percent(flops_per_token, config.total_batch_size, dt, peak, d.world_size)
+            report_step(step, num_iterations, wandb, loss_value, lrm, config.total_batch_size, dt, mfu,
+                        loop["loss_curve"])
 
-    loader.close()
     if d.is_distributed:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     metrics = {

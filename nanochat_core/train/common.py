@@ -35,13 +35,16 @@ from nanochat_core.artifacts import atomic_write_bytes
 from nanochat_core.checkpoint import (
     CheckpointError,
     checkpoint_meta,
+    complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     load_model,
     load_rank_state,
+    rank_files,
     restore_rng_state,
     save_checkpoint,
     save_final_model,
+    verify_checkpoint_files,
 )
 from nanochat_core.common import DistInfo, cleanup_distributed, emit_checkpoint, emit_progress, print0
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
@@ -126,14 +129,21 @@ def optimizer_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimize
     model.zero_grad(set_to_none=True)
 
 
+LOSS_CURVE_POINTS = 500  # at most this many (step, loss) points kept for the report's loss curve
+
+
 def report_step(step: int, num_iterations: int, wandb: WandbLog, loss: float, lrm: float, tokens: int, dt: float,
-                mfu: float | None = None) -> None:
-    """One finished optimizer step as structured progress (console/flow) and to W&B."""
+                mfu: float | None = None, curve: list | None = None) -> None:
+    """One finished optimizer step as structured progress (console/flow) and to W&B; every k-th step's loss
+    also goes into `curve` (kept in the loop state, so it survives a resume and ends up in meta.json)."""
     progress = {"loss": round(loss, 5), "lr": round(lrm, 5), "tok_per_s": round(tokens / dt), "dt": round(dt, 4)}
     if mfu is not None:
         progress["mfu"] = round(mfu, 2)
     emit_progress(step + 1, num_iterations, **progress)
     wandb.log(step + 1, **progress)
+    every = max(1, num_iterations // LOSS_CURVE_POINTS)
+    if curve is not None and ((step + 1) % every == 0 or step + 1 == num_iterations):
+        curve.append([step + 1, round(loss, 5)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,8 +264,8 @@ class Session:
     keep: int = 2
 
     def resume(self, config: dict) -> Resumed | None:
-        """Load the newest complete checkpoint in out_dir (weights, optimizer shard, RNG), if there is one."""
-        ckpt = latest_checkpoint(self.out_dir)
+        """Load the newest intact checkpoint in out_dir (weights, optimizer shard, RNG), if there is one."""
+        ckpt = self.newest_intact_checkpoint()
         if ckpt is None:
             return None
         d = self.dist_info
@@ -279,6 +289,25 @@ class Session:
             print0(f"warning: resuming {ckpt} with a changed config ({', '.join(changed)}): not an exact resume")
         print0(f"resuming from {ckpt} (step {meta['step']})")
         return Resumed(meta["step"], ckpt, meta, loader_state, rank_state)
+
+    def newest_intact_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint whose files every rank finds intact (sha256 as saved). A damaged one
+        is reported and passed over for an older one; with none left, training starts over."""
+        d = self.dist_info
+        for ckpt in reversed(complete_checkpoints(self.out_dir)):
+            try:
+                verify_checkpoint_files(ckpt, rank_files(ckpt, d.rank))
+                ok = 1
+            except CheckpointError as e:
+                print(f"warning: rank {d.rank}: {e}; not resuming from it", file=sys.stderr, flush=True)
+                ok = 0
+            if d.is_distributed:  # every rank must resume from the same checkpoint
+                flag = torch.tensor([ok], device=d.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                ok = int(flag.item())
+            if ok:
+                return ckpt
+        return None
 
     def save(self, step: int, meta: dict, loader_state: dict | None, rank_state: dict | None = None) -> Path:
         """Commit a checkpoint (collective) and announce it on stdout."""

@@ -155,7 +155,8 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
     cfg = config_to_dict(config)
     resumed = session.resume(cfg)
     start = resumed.step if resumed else 0
-    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_loss": None, "val_bpb": None}
+    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_loss": None, "val_bpb": None,
+                                                                            "loss_curve": []}
     loader = PackedStream(train_tokens, B, T, d.device, resumed.loader_state if resumed else None)
     fwd = maybe_compile(model, d.device, config.compile)
     autocast = autocast_context(d.device)
@@ -199,7 +200,8 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
             loss_value = (train_loss / grad_accum).item()
             dt = time.time() - t0
             loop["train_seconds"] += dt
-            report_step(step, num_iterations, wandb, loss_value, lrm, config.total_batch_size, dt)
+            report_step(step, num_iterations, wandb, loss_value, lrm, config.total_batch_size, dt,
+                        curve=loop["loss_curve"])
 
     metrics = {
         "val_loss": loop["val_loss"],

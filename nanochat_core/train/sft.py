@@ -149,7 +149,8 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
     cfg = config_to_dict(config)
     resumed = session.resume(cfg)
     start = resumed.step if resumed else 0
-    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_loss": None, "val_bpb": None}
+    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_loss": None, "val_bpb": None,
+                                                                            "loss_curve": []}
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     batches = ConversationBatches(train_rows, B, pad_id, d.device, resumed.loader_state if resumed else None)
     autocast = autocast_context(d.device)
@@ -193,7 +194,7 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
             dt = time.time() - t0
             loop["train_seconds"] += dt
             tokens = sum(x.numel() for x, _ in micro) * d.world_size
-            report_step(step, num_iterations, wandb, loss_value, lrm, tokens, dt)
+            report_step(step, num_iterations, wandb, loss_value, lrm, tokens, dt, curve=loop["loss_curve"])
 
     metrics = {
         "val_loss": loop["val_loss"],
