@@ -56,7 +56,9 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         print(f"{name:<11} {'yes' if info['cached'] else 'no':<7} {info['seconds']:>7.1f}  {info['uri']}")
     print(f"\nreport card: {Path(args.store) / 'runs' / summary['run_id'] / 'report.md'}")
     if summary["server"]:
-        print(f"\nchat server: {summary['server']['url']} (pid {summary['server']['pid']})")
+        server = summary["server"]
+        holder = f"pid {server['pid']}" if "pid" in server else f"flow run {server['flow_run_id']}"
+        print(f"\nchat server: {server['url']} ({holder})")
     return 0
 
 

@@ -16,10 +16,14 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from uuid import UUID
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
+from prefect.states import Cancelling
 
 from nanochat_core import artifacts
 from nanochat_core.artifacts import ArtifactRef
@@ -96,12 +100,63 @@ def start_detached(model: ArtifactRef, host: str, port: int, state_dir: Path, wa
     raise ServerError(f"chat server did not answer {url}/health within {wait:.0f}s")
 
 
+def flow_run_state(flow_run_id: str):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(UUID(flow_run_id)).state
+
+
+def start_serve_run(deployment: str, model: ArtifactRef, host: str, port: int, state_dir: Path,
+                    wait: float = 300.0) -> dict:
+    """Start (or reuse) the serve deployment's flow run for `model`: that run is the server, so cancelling
+    it (in the UI) stops it. Returns {"url", "flow_run_id", "reused"} once /health answers."""
+    url = f"http://{host}:{port}"
+    state_path = state_dir / f"server-{port}.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state and state.get("flow_run_id") and health(url):
+        run_state = flow_run_state(state["flow_run_id"])
+        if run_state is not None and run_state.is_running():
+            if state["model"] == model.digest:
+                return {"url": url, "flow_run_id": state["flow_run_id"], "reused": True}
+            with get_client(sync_client=True) as client:  # our server, an older model: cancel its run
+                client.set_flow_run_state(UUID(state["flow_run_id"]), Cancelling(), force=True)
+            deadline = time.time() + 60
+            while time.time() < deadline and health(url):
+                time.sleep(0.5)
+    if health(url):
+        raise ServerError(f"port {port} on {host} is already served by another program; choose another --port")
+    run = run_deployment(deployment, parameters={"checkpoint": model.uri, "host": host, "port": port}, timeout=0,
+                         as_subflow=False)
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        run_state = flow_run_state(str(run.id))
+        if run_state is not None and run_state.is_final():
+            raise ServerError(f"serve run {run.name} ended {run_state.name} before the server answered: "
+                              f"{run_state.message}")
+        if health(url):
+            state_dir.mkdir(parents=True, exist_ok=True)
+            artifacts.atomic_write_bytes(state_path, json.dumps(
+                {"flow_run_id": str(run.id), "model": model.digest, "url": url}).encode())
+            return {"url": url, "flow_run_id": str(run.id), "reused": False}
+        time.sleep(1.0)
+    raise ServerError(f"the {deployment} run {run.name} did not answer {url}/health within {wait:.0f}s; is a worker "
+                      "(or `nanochat deploy --serve`) serving that deployment?")
+
+
 @task(name="serve", task_run_name="serve")
-def start_server_task(model: dict[str, str], host: str, port: int, state_dir: str) -> dict:
+def start_server_task(model: dict[str, str], host: str, port: int, state_dir: str,
+                      deployment: str | None = None) -> dict:
+    """The speedrun's last task: the chat server for `model`, as a run of the serve `deployment` when one is
+    named (cancel that run to stop it), else as a detached process (no Prefect worker needed)."""
     logger = get_run_logger()
-    info = start_detached(ArtifactRef.from_dict(model), host, port, Path(state_dir))
+    ref = ArtifactRef.from_dict(model)
+    if deployment:
+        info = start_serve_run(deployment, ref, host, port, Path(state_dir))
+        holder = f"flow run {info['flow_run_id']}"
+    else:
+        info = start_detached(ref, host, port, Path(state_dir))
+        holder = f"pid {info['pid']}"
     verb = "reusing" if info["reused"] else "started"
-    logger.info(f"{verb} chat server pid {info['pid']} at {info['url']}")
+    logger.info(f"{verb} chat server ({holder}) at {info['url']}")
     create_link_artifact(link=info["url"], link_text="nanochat chat server", key="chat-server",
                          description=f"Chat UI and OpenAI-compatible API for model {model['uri']}")
     return info

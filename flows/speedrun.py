@@ -113,12 +113,15 @@ def speedrun(
     nnodes: int = 1,
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
+    serve_deployment: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline for `preset` into `store` (RL too when `rl`); returns the run summary.
 
     overrides: per stage, config fields to change from the preset's values (empty fields keep them).
     nnodes > 1: distributed stages run on nnodes hosts (this one is node 0, reachable at master_addr); the
-    others are `train-node` runs on work queues node-1.. (flows/multinode.py); the store must be shared."""
+    others are `train-node` runs on work queues node-1.. (flows/multinode.py); the store must be shared.
+    serve_deployment: the chat server is a run of this deployment (e.g. "serve/serve": cancel the run to stop
+    the server); unset, it is a detached process."""
     logger = get_run_logger()
     overrides = overrides_dict(overrides)
     nodes = Nodes(nnodes, 0, master_addr, master_port)
@@ -152,8 +155,8 @@ def speedrun(
     if serve:
         state_dir = artifacts.local_path(store) / "runs" if not artifacts.is_remote(store) else (
             Path.home() / ".cache" / "nanochat" / "servers")
-        info = start_server_task(refs["sft"].to_dict(), host, port, str(state_dir))
-        summary["server"] = {"url": info["url"], "pid": info["pid"]}
+        info = start_server_task(refs["sft"].to_dict(), host, port, str(state_dir), serve_deployment)
+        summary["server"] = {k: info[k] for k in ("url", "pid", "flow_run_id") if k in info}
     write_run_file(run_dir, "summary.json", json.dumps(summary, indent=2).encode())
     logger.info(f"report card: {artifacts.join_uri(run_dir, 'report.md')} ({len(card.splitlines())} lines)")
     logger.info(f"summary: {artifacts.join_uri(run_dir, 'summary.json')}")
