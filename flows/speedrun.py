@@ -124,8 +124,8 @@ def speedrun(
     the server); unset, it is a detached process."""
     logger = get_run_logger()
     overrides = overrides_dict(overrides)
-    nodes = Nodes(nnodes, 0, master_addr, master_port)
-    nodes.validate()
+    hosts = Nodes(nnodes, 0, master_addr, master_port)
+    hosts.validate()
     if nproc < 1:
         raise ConfigError(f"nproc must be >= 1, got {nproc}")
     if not artifacts.is_remote(store):
@@ -144,7 +144,7 @@ def speedrun(
     for node in nodes.values():
         inputs = {flag: refs[upstream] for flag, upstream in node.inputs}
         ref, cached, seconds = run_stage(node.stage, configs[node.stage], inputs, store, nproc=nproc, name=node.name,
-                                         nodes=nodes)
+                                         nodes=hosts)
         refs[node.name] = ref
         summary["stages"][node.name] = {"uri": ref.uri, "digest": ref.digest, "cached": cached,
                                         "seconds": round(seconds, 2)}

@@ -28,6 +28,8 @@ MICRO = {
             "eval_every": 4, "eval_steps": 2, "save_every": 4, "max_examples": 400},
     "sft": {"num_iterations": 6, "max_seq_len": 64, "device_batch_size": 4, "examples_per_step": 8,
             "eval_every": 3, "eval_steps": 2, "save_every": 3, "max_examples": 200},
+    "rl": {"num_iterations": 2, "max_examples": 2, "examples_per_step": 2, "num_samples": 2, "device_batch_size": 2,
+           "max_new_tokens": 8, "max_eval": 2, "eval_samples": 2, "save_every": 1},
     "eval": {"max_per_task": 2, "max_new_tokens": 16},
 }
 STAGES = ["shards", "tokenizer", "base", "base_eval", "mid", "mid_eval", "sft", "sft_eval"]
@@ -148,9 +150,15 @@ def test_speedrun_end_to_end_then_all_cached(prefect_api, store, server_pids):
 
 
 def test_changing_one_sft_parameter_reruns_sft_and_later_only(prefect_api, store):
-    summary = run_flow(store, overrides=with_overrides(sft={"num_iterations": 4}), serve=False)
+    """With the optional RL stage on, too: it runs after SFT and fills the report card's RL column."""
+    summary = run_flow(store, overrides=with_overrides(sft={"num_iterations": 4}), serve=False, rl=True)
     assert cached(summary) == {"shards": True, "tokenizer": True, "base": True, "base_eval": True, "mid": True,
-                               "mid_eval": True, "sft": False, "sft_eval": False}
+                               "mid_eval": True, "sft": False, "sft_eval": False, "rl": False, "rl_eval": False}
+    card = (Path(store) / "runs" / summary["run_id"] / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in card.split("## Summary")[1].splitlines() if line.startswith("| ")}
+    assert rows["GSM8K"][3] != "-" and rows["CORE"][3] == "-" and rows["Wall time"][3] != "-"
+    assert "## Chat RL" in card and "![rl training loss](rl_loss.png)" in card
 
 
 def test_damaged_artifact_is_recomputed_not_served_from_cache(prefect_api, store):
