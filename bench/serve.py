@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -105,35 +106,85 @@ def server(model_dir: Path, tokenizer_dir: Path, args, log: Path):
 # -----------------------------------------------------------------------------
 # the clients
 
-async def one_request(client: httpx.AsyncClient, url: str, topic: str, max_tokens: int) -> dict:
+class Connection:
+    """One keep-alive HTTP/1.1 connection over asyncio streams: a client far lighter than httpx's streaming, so
+    that at 8 or 16 clients the bench process (which shares the machine with the server) costs little CPU per
+    token. It still reads every byte of every reply and parses every SSE event as JSON."""
+
+    def __init__(self, url: str):
+        self.host, self.port = httpx.URL(url).host, httpx.URL(url).port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_stream(self, path: str, body: dict) -> AsyncIterator[bytes]:
+        """POST body; yields the response's SSE events (the text after "data: "), as they arrive."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        payload = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json"
+                          f"\r\nAccept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        reader = self.reader
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+        if "chunked" not in headers.get("transfer-encoding", ""):  # an error: a plain body
+            text = (await reader.readexactly(int(headers.get("content-length", 0)))).decode()
+            raise RuntimeError(f"HTTP {status}: {text[:500]}")
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}")
+        buffer = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            buffer += data[:-2]
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data: "):
+                    yield event[6:]
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def one_request(conn: Connection, topic: str, max_tokens: int) -> dict:
     body = {"messages": [{"role": "user", "content": f"Write a few paragraphs about {topic}."}],
             "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "stream_options": {"include_usage": True}}
-    started, first, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+    started, first, tokens, chars = time.perf_counter(), None, 0, 0
+    async for event in conn.post_stream("/v1/chat/completions", body):
+        if event == b"[DONE]":
+            continue
+        chunk = json.loads(event)
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"]["message"])
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"] and (content := chunk["choices"][0]["delta"].get("content")):
+            chars += len(content)
+            if first is None:
                 first = time.perf_counter()
     end = time.perf_counter()
+    if tokens and not chars:
+        raise RuntimeError("a reply with tokens but no text")
     return {"latency": end - started, "ttft": (first or end) - started, "tokens": tokens}
 
 
 async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
-    async def client_loop(c: int, client: httpx.AsyncClient) -> list[dict]:
-        return [await one_request(client, url, TOPICS[(c + i) % len(TOPICS)], max_tokens) for i in range(requests)]
+    async def client_loop(c: int) -> list[dict]:
+        conn = Connection(url)
+        try:
+            return [await one_request(conn, TOPICS[(c + i) % len(TOPICS)], max_tokens) for i in range(requests)]
+        finally:
+            conn.close()
 
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        started = time.perf_counter()
-        results = await asyncio.gather(*(client_loop(c, client) for c in range(clients)))
-        wall = time.perf_counter() - started
+    started = time.perf_counter()
+    results = await asyncio.gather(*(client_loop(c) for c in range(clients)))
+    wall = time.perf_counter() - started
     done = [r for rs in results for r in rs]
     tokens = sum(r["tokens"] for r in done)
     return {"clients": clients, "requests": len(done), "tokens": tokens, "wall_s": round(wall, 3),

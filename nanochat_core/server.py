@@ -24,12 +24,15 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import importlib.util
 import json
 import logging
 import os
 import secrets
 import sys
 import time
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +87,67 @@ class ServeConfig:
 # -----------------------------------------------------------------------------
 # generation: requests become jobs on the replicas' decode loops
 
+class Mailbox:
+    """Events from the decode threads to one event loop, with one wake-up per burst rather than per token.
+
+    A decode step emits a token for each of its rows back to back; the first event of a burst schedules one
+    delivery on the loop (call_soon_threadsafe: a lock and a write to the loop's wake-up pipe), the rest are
+    appended to a deque. The delivery hands every event to its inbox and wakes each inbox's reader once. No
+    lock: deque appends are atomic, and `scheduled` is cleared before the deque is drained, so an event
+    appended after the drain started schedules a delivery of its own."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.events, self.scheduled = loop, deque(), False
+
+    def put(self, inbox: Inbox, event: tuple) -> None:  # on any thread; RuntimeError once the loop is closed
+        self.events.append((inbox, event))
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:
+                self.scheduled = False
+                raise
+
+    def _deliver(self) -> None:
+        self.scheduled = False
+        woken = set()
+        while self.events:
+            inbox, event = self.events.popleft()
+            inbox.items.append(event)
+            woken.add(inbox)
+        for inbox in woken:
+            inbox.ready.set()
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
+def mailbox() -> Mailbox:
+    """The running event loop's Mailbox."""
+    loop = asyncio.get_running_loop()
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = Mailbox(loop)
+    return box
+
+
+class Inbox:
+    """One request's events, filled on its event loop by Mailbox deliveries."""
+
+    def __init__(self):
+        self.items: deque = deque()
+        self.ready = asyncio.Event()
+
+    async def get_all(self) -> list:
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+
 class Generation:
     """One request's n choices, each a Job on the least busy replica; their events come back to this event loop."""
 
@@ -103,12 +167,12 @@ class Generation:
         """Lists of (choice, token) as tokens arrive, with (choice, None) when a choice ends (see finish_reasons).
         Each list holds all that arrived since the last, so a busy server sends fewer, larger chunks. Leaving
         early (the client went away) cancels the choices still running."""
-        loop, queue, req = asyncio.get_running_loop(), asyncio.Queue(), self.req
+        box, inbox, req = mailbox(), Inbox(), self.req
 
         def emitter(i: int, job: Job):
             def emit(kind: str, value) -> None:  # on a replica's thread
                 try:
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, kind, value))
+                    box.put(inbox, (i, kind, value))
                 except RuntimeError:  # the event loop is gone (shutdown): stop generating
                     job.cancelled = "requests_disconnected"
             return emit
@@ -120,10 +184,8 @@ class Generation:
             self.placed.append((job, self.router.submit(job)))
         try:
             while None in self.finish_reasons:
-                events, batch = [await queue.get()], []
-                while not queue.empty():
-                    events.append(queue.get_nowait())
-                for i, kind, value in events:
+                batch = []
+                for i, kind, value in await inbox.get_all():
                     if self.finish_reasons[i] is not None:  # ended by a stop string; late events
                         continue
                     if kind == "error":
@@ -209,6 +271,23 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def text_json(text: str) -> str:
+    """json.dumps(text, ensure_ascii=False), as sse() writes a string."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+class ChunkTemplate:
+    """A streamed OpenAI chunk with one choice's content delta, as sse() writes it (the same bytes), from a
+    prefix rendered once per request: a chunk per token is a string join, not a dict and a json.dumps."""
+
+    def __init__(self, head: dict):
+        opening = sse({**head, "object": "chat.completion.chunk", "choices": []})
+        self.prefix = opening[:opening.rindex("[]")] + '[{"index": '  # data: {..., "choices": [{"index":
+
+    def content(self, i: int, delta: str) -> str:
+        return f'{self.prefix}{i}, "delta": {{"content": {text_json(delta)}}}, "finish_reason": null}}]}}\n\n'
+
+
 # -----------------------------------------------------------------------------
 # the app
 
@@ -270,11 +349,11 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                                kind="rate_limit_error")
         return req
 
-    def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    def event_stream(events: AsyncIterator[str | bytes]) -> StreamingResponse:
         return StreamingResponse(stream_errors(events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def stream_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def stream_errors(events: AsyncIterator[str | bytes]) -> AsyncIterator[str | bytes]:
         """Once streaming has begun the status is sent; report a failure as a last event instead."""
         try:
             async for event in events:
@@ -313,11 +392,11 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     async def chat(request: Request):
         gen = Generation(router, await read_chat_request(request, openai=False))
 
-        async def events() -> AsyncIterator[str]:
-            async for batch in text_deltas(gen, tokenizer):
-                for _, delta in batch:
-                    if delta:
-                        yield sse({"token": delta})
+        async def events() -> AsyncIterator[str | bytes]:
+            async for batch in text_deltas(gen, tokenizer):  # one write per batch: all its deltas
+                out = "".join(f'data: {{"token": {text_json(delta)}}}\n\n' for _, delta in batch if delta)
+                if out:
+                    yield out.encode()
             yield sse({"done": True})
 
         return event_stream(events())
@@ -343,12 +422,15 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             choice = {"index": i, "delta": delta, "finish_reason": finish_reason}
             return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
-        async def events() -> AsyncIterator[str]:
+        template = ChunkTemplate(head)
+
+        async def events() -> AsyncIterator[str | bytes]:
             for i in range(req.n):
                 yield chunk(i, {"role": "assistant", "content": ""})
-            async for batch in text_deltas(gen, tokenizer):
-                for i, delta in batch:
-                    yield chunk(i, {"content": delta}) if delta is not None else chunk(i, {}, gen.finish_reasons[i])
+            async for batch in text_deltas(gen, tokenizer):  # one write per batch: all its chunks
+                if batch:
+                    yield "".join(template.content(i, delta) if delta is not None else
+                                  chunk(i, {}, gen.finish_reasons[i]) for i, delta in batch).encode()
             if req.include_usage:
                 yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
@@ -389,7 +471,12 @@ def main(argv: list[str] | None = None) -> None:
     replicas = app.state.router.replicas
     logger.info(f"serving {args.model} at http://{config.host}:{config.port} with {len(replicas)} replica(s) on "
                 f"{', '.join(str(r.device) for r in replicas)}, up to {config.max_batch} rows each")
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    # uvloop and httptools (uvicorn[standard]) when installed: a cheaper event loop and HTTP parser, which
+    # matters here because every streamed token is a write on the loop that shares the GIL with decoding
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    logger.info(f"event loop {loop}, HTTP parser {http}")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", loop=loop, http=http)
 
 
 if __name__ == "__main__":
