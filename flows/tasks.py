@@ -22,6 +22,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.events import emit_event
+from prefect.filesystems import RemoteFileSystem
 from prefect.logging import get_run_logger
 from prefect.states import State
 
@@ -129,6 +130,19 @@ def stage_task(stage: str, config: dict[str, Any], inputs: dict[str, dict[str, s
     return ref.to_dict()
 
 
+def result_storage(store: str) -> Path | RemoteFileSystem:
+    """Where Prefect keeps the stage tasks' result records: in the store (`<store>/.prefect-results`), so a
+    fresh process or another machine finds them. For a remote store that is a saved RemoteFileSystem block
+    (result_storage reads an "s3://..." string as a block slug). The block holds no secrets: s3fs takes the
+    keys from the AWS variables of whoever runs the task; the endpoint is recorded when one is set."""
+    if not artifacts.is_remote(store):
+        return Path(artifacts.local_path(store)).resolve() / ".prefect-results"
+    block = RemoteFileSystem(basepath=artifacts.join_uri(store, ".prefect-results"),
+                             settings=artifacts.storage_options(store, secrets=False))
+    block.save(f"nanochat-results-{hashlib.sha256(store.encode()).hexdigest()[:12]}", overwrite=True)
+    return block
+
+
 def run_stage(stage: str, config: dict[str, Any], inputs: dict[str, ArtifactRef], store: str,
               nproc: int = 1, name: str | None = None, nodes: Nodes | None = None) -> tuple[ArtifactRef, bool, float]:
     """Run one stage task (shown as `name`, default the stage); returns (reference, came from cache, seconds).
@@ -144,9 +158,8 @@ def run_stage(stage: str, config: dict[str, Any], inputs: dict[str, ArtifactRef]
     intact = done is not None
     if not intact and artifacts.read_manifest_bytes(plan.uri) is not None:
         get_run_logger().warning(f"{name or stage}: the stored artifact is not usable ({why}); recomputing it")
-    options: dict[str, Any] = {"name": name or stage, "task_run_name": name or stage, "refresh_cache": not intact}
-    if not artifacts.is_remote(store):
-        options["result_storage"] = Path(artifacts.local_path(store)).resolve() / ".prefect-results"
+    options: dict[str, Any] = {"name": name or stage, "task_run_name": name or stage, "refresh_cache": not intact,
+                               "result_storage": result_storage(store)}
     t0 = time.time()
     state: State = stage_task.with_options(**options)(**params, return_state=True)
     result = ArtifactRef.from_dict(state.result())
