@@ -5,7 +5,8 @@
     nanochat evaluate [--checkpoint DIR] [--store DIR] [--tasks auto|CORE,ARC-Easy,...] [--max-per-task N]
     nanochat serve --checkpoint URI [--host 127.0.0.1] [--port 8000]
     nanochat chat --checkpoint URI [-p PROMPT]
-    nanochat deploy [--store DIR] [--cron "0 3 * * *"]   (register the deployments and run them here)
+    nanochat deploy [--store DIR] [--pool nanochat] [--cron "0 3 * * *"] [--serve]
+                    (register the deployments on a process work pool; --serve: run them in this process)
 
 With no PREFECT_API_URL, flows run against Prefect's local ephemeral server.
 """
@@ -41,7 +42,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         overrides.setdefault(stage, {})[field] = value
     quiet_prefect_defaults()
     from flows.speedrun import resolve_data, speedrun, stage_configs
-    from nanochat_core.artifacts import check_store
+    from nanochat_core.artifacts import check_store, join_uri
     from nanochat_core.launch import Nodes
 
     # Check what the user typed before any server or process starts, so mistakes fail in a second.
@@ -54,7 +55,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     print("\nstage       cached  seconds  artifact")
     for name, info in summary["stages"].items():
         print(f"{name:<11} {'yes' if info['cached'] else 'no':<7} {info['seconds']:>7.1f}  {info['uri']}")
-    print(f"\nreport card: {Path(args.store) / 'runs' / summary['run_id'] / 'report.md'}")
+    print(f"\nreport card: {join_uri(args.store, 'runs', summary['run_id'], 'report.md')}")
     if summary["server"]:
         server = summary["server"]
         holder = f"pid {server['pid']}" if "pid" in server else f"flow run {server['flow_run_id']}"
@@ -84,11 +85,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     quiet_prefect_defaults()
-    from flows.deploy import serve_deployments
+    from flows.deploy import register, serve_deployments
     from nanochat_core.artifacts import check_store
 
     check_store(args.store)
-    serve_deployments(args.store, cron=args.cron, tasks=args.tasks, max_per_task=args.max_per_task)
+    if args.serve:
+        serve_deployments(args.store, cron=args.cron, tasks=args.tasks, max_per_task=args.max_per_task)
+        return 0
+    register(args.store, pool=args.pool, cron=args.cron, tasks=args.tasks, max_per_task=args.max_per_task)
+    print(f"\nregistered speedrun, serve and evaluate on the process work pool {args.pool!r}; run them with\n"
+          f"  prefect worker start --pool {args.pool}")
+    if not os.environ.get("PREFECT_API_URL"):
+        print("(no PREFECT_API_URL: they went to the local ephemeral server's database; see deployments/README.md)")
     return 0
 
 
@@ -148,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per evaluation")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("deploy", help="register the speedrun/serve/evaluate deployments and run them here")
+    p = sub.add_parser("deploy", help="register the speedrun/serve/evaluate deployments on a process work pool")
     p.add_argument("--store", default="./store", help="the store the deployments use")
+    p.add_argument("--pool", default="nanochat", help="process work pool (created if missing)")
     p.add_argument("--cron", default="0 3 * * *", help="schedule of the evaluate deployment (UTC)")
     p.add_argument("--tasks", default="auto", help="task set of scheduled and event-triggered evaluations")
     p.add_argument("--max-per-task", type=int, default=-1)
+    p.add_argument("--serve", action="store_true", help="no pool or worker: run their flow runs in this process")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("serve", help="serve a chat model artifact (web UI + OpenAI-compatible API)")

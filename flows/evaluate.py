@@ -43,11 +43,13 @@ def evaluate(
     max_per_task: int = -1,
     device_type: str = "",
     nproc: int = 1,
+    missing_ok: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `checkpoint` (a model or checkpoint directory), or with none every model under `store`.
 
     Results go to `store`; returns {"evaluated": [...], "already": [...]}, each entry {model, phase, step,
-    result (the eval artifact's URI), metrics}."""
+    result (the eval artifact's URI), metrics}. missing_ok (set by the checkpoint-event trigger): a checkpoint
+    that is gone by the time this runs (training keeps only its newest few) is logged and skipped."""
     logger = get_run_logger()
     if nproc < 1:
         raise ConfigError(f"nproc must be >= 1, got {nproc}")
@@ -56,6 +58,10 @@ def evaluate(
     config = eval_config(tasks, max_per_task, device_type)
     if checkpoint:
         path = Path(artifacts.local_path(checkpoint))
+        if not path.is_dir() and missing_ok:
+            logger.warning(f"evaluate: checkpoint {checkpoint} no longer exists (training keeps only its newest "
+                           "checkpoints); nothing to evaluate")
+            return {"evaluated": [], "already": []}
         if not path.is_dir():
             raise artifacts.ArtifactError(f"checkpoint {checkpoint} is not a directory")
         models = [path]

@@ -35,7 +35,7 @@ def stage_overrides_model(stage: str) -> type[BaseModel]:
 StageOverrides = create_model(
     "StageOverrides",
     __config__=ConfigDict(extra="forbid"),
-    **{stage: (stage_overrides_model(stage) | None, Field(None, description=f"{stage} stage config"))
+    **{stage: (stage_overrides_model(stage) | None, Field(None, title=stage, description=f"{stage} stage config"))
        for stage in stages.STAGES},
 )
 

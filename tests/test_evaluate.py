@@ -89,6 +89,9 @@ def test_evaluate_bad_input_is_a_clear_error(prefect_api, store, tmp_path):
         evaluate(store=store, tasks="ARC-Easy,Nope")
     with pytest.raises(artifacts.ArtifactError, match="not a directory"):
         evaluate(checkpoint=str(tmp_path / "missing"), store=store, tasks=TASKS)
+    # what an event for a checkpoint that training has since pruned gets: nothing to do, not a failure
+    assert evaluate(checkpoint=str(tmp_path / "missing"), store=store, tasks=TASKS, missing_ok=True) == {
+        "evaluated": [], "already": []}
 
 
 def flow_runs(deployment_id) -> list:
@@ -137,7 +140,7 @@ def test_checkpoint_event_triggers_one_evaluation(prefect_api, store, tmp_path):
     checkpoint = str(stages.find_models(store)[0])
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     log = open(tmp_path / "deploy.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--store", store, "--tasks", TASKS,
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--serve", "--store", store, "--tasks", TASKS,
                              "--max-per-task", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:

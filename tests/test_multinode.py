@@ -43,16 +43,14 @@ def prefect_api(tmp_path_factory):
 def node1_worker(prefect_api, tmp_path):
     """The train-node deployment on a process pool, and a worker serving the node-1 queue (host 1)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
 
-    from flows.multinode import node_queue, train_node
+    from flows.deploy import register
+    from flows.multinode import node_queue
 
+    register(str(tmp_path / "store"), pool=POOL, names=["train-node"])  # what `nanochat deploy` does
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
         if not _queue_exists(client):
             client.create_work_queue(name=node_queue(1), work_pool_name=POOL)
-    train_node.from_source(str(REPO), "flows/multinode.py:train_node").deploy(name="train-node", work_pool_name=POOL,
-                                                                              print_next_steps=False)
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "2",
            "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed below
