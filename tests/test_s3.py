@@ -315,6 +315,7 @@ def test_endpoint_stopped_during_upload_then_restarted(moto, monkeypatch):
 # the speedrun on S3, then a second run on a "second machine"
 
 
+@pytest.mark.slow  # ~100 s: the whole tiny pipeline twice against moto (make test-slow)
 def test_speedrun_on_s3_then_fresh_process_fully_cached(moto, prefect_api, tmp_path, monkeypatch):
     from prefect.filesystems import RemoteFileSystem
 
