@@ -17,6 +17,26 @@ os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A real Prefect test server (temporary database) for one test module; its API URL.
+    The harness isolates the database but not result storage, so that gets a temporary dir too."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    previous = os.environ.get("PREFECT_LOCAL_STORAGE_PATH")
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-storage"))
+    try:
+        with prefect_test_harness(server_startup_timeout=60):
+            from prefect.settings import PREFECT_API_URL
+
+            yield PREFECT_API_URL.value()
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+        else:
+            os.environ["PREFECT_LOCAL_STORAGE_PATH"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "pretrain").is_dir():

@@ -24,17 +24,6 @@ TASKS = "ARC-Easy"
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-storage"))
-    with prefect_test_harness(server_startup_timeout=60):
-        from prefect.settings import PREFECT_API_URL
-
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory, shared_data):
     """A store with a finished tiny base model: its final model plus the checkpoints at steps 10 and 20."""
     root = str(tmp_path_factory.mktemp("store"))

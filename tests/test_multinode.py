@@ -4,13 +4,13 @@ task, node 1 a `train-node` flow run that a real process worker picks up from it
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_flows import free_port
 
 from nanochat_core import stages
 from nanochat_core.checkpoint import latest_checkpoint
@@ -20,23 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 POOL = "nanochat-multinode-test"
 BASE = {"depth": 2, "max_seq_len": 64, "device_batch_size": 4, "total_batch_size": 512, "num_iterations": 6,
         "eval_every": -1, "eval_tokens": 1024, "save_every": 3, "device_type": "cpu"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-storage"))
-    with prefect_test_harness(server_startup_timeout=60):
-        from prefect.settings import PREFECT_API_URL
-
-        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture

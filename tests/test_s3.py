@@ -78,18 +78,6 @@ def moto(tmp_path_factory):
     log.close()
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    # the harness isolates the database, not result storage: records must not leak between sessions
-    with env_vars(PREFECT_LOCAL_STORAGE_PATH=str(tmp_path_factory.mktemp("prefect-storage"))):
-        with prefect_test_harness(server_startup_timeout=60):
-            from prefect.settings import PREFECT_API_URL
-
-            yield PREFECT_API_URL.value()
-
-
 def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=timeout)

@@ -5,7 +5,6 @@ UI's Cancel does) stops the server."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from uuid import UUID
 
 import pytest
 import torch
+from test_flows import free_port
 
 from nanochat_core import artifacts
 from nanochat_core.checkpoint import save_final_model
@@ -23,23 +23,6 @@ from nanochat_core.tokenizer import Tokenizer
 
 RUNNER = ("from prefect import serve; from flows.serve import serve as serve_flow; "
           "serve(serve_flow.to_deployment(name='serve'))")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-storage"))
-    with prefect_test_harness(server_startup_timeout=60):
-        from prefect.settings import PREFECT_API_URL
-
-        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="module")
