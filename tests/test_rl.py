@@ -7,15 +7,14 @@ and RL really changes the weights (a random model earns reward 0 everywhere: zer
 
 import json
 import math
-import os
 import signal
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from test_train import interrupt_after_first_checkpoint, run_ok, same_weights
 
 from nanochat_core.checkpoint import latest_checkpoint, load_model, save_final_model
 from nanochat_core.config import ConfigError
@@ -32,10 +31,6 @@ SEQ_LEN = 512
 MEMORISE_STEPS = 30  # enough to answer right some of the time, not always
 
 
-def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def rl_command(sft, tokenizer, out, nproc: int | None = 1, **overrides) -> list[str]:
     args = ["--model", str(sft), "--tokenizer", str(tokenizer), "--out", str(out)]
     for k, v in {**TINY_RL, **overrides}.items():
@@ -46,38 +41,8 @@ def rl_command(sft, tokenizer, out, nproc: int | None = 1, **overrides) -> list[
             "-m", "nanochat_core.train.rl", *args]
 
 
-def run_ok(cmd: list[str]) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def sigterm_after_first_checkpoint(cmd: list[str]) -> tuple[int, str]:
-    """Run cmd in its own process group; SIGTERM the group once a checkpoint is announced."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
-                            start_new_session=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("NANOCHAT_CHECKPOINT"):
-                os.killpg(proc.pid, signal.SIGTERM)
-                break
-        lines += proc.stdout.readlines()
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return code, "".join(lines)
-
-
 def weights(directory: Path) -> dict[str, torch.Tensor]:
     return torch.load(directory / "model.pt", weights_only=True)
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def deterministic(metrics: dict) -> dict:
@@ -207,7 +172,8 @@ def test_one_rank_under_torchrun_trains_and_writes_its_files(rl_ref, sft_dir):
 def test_sigterm_then_rerun_ends_bitwise_equal(rl_ref, sft_dir, tiny_tokenizer_dir, tmp_path):
     """Plain python gets SIGTERM after its first checkpoint: it saves and exits 143; rerunning under torchrun
     finishes with the weights and metrics of the uninterrupted run."""
-    code, out = sigterm_after_first_checkpoint(rl_command(sft_dir, tiny_tokenizer_dir, tmp_path, nproc=None))
+    code, out = interrupt_after_first_checkpoint(rl_command(sft_dir, tiny_tokenizer_dir, tmp_path, nproc=None),
+                                                 signal.SIGTERM)
     assert code == PREEMPTED_EXIT_CODE, out[-2000:]
     stopped = latest_checkpoint(tmp_path)
     assert stopped is not None and "Traceback" not in out and not (tmp_path / "metrics.json").exists()
