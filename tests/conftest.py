@@ -62,3 +62,11 @@ def tiny_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     Tokenizer.train_from_iterator(texts, vocab_size=512).save(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    """The tiny tokenizer, loaded."""
+    from nanochat_core.tokenizer import Tokenizer
+
+    return Tokenizer.load(tiny_tokenizer_dir)

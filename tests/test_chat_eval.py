@@ -15,14 +15,8 @@ from nanochat_core import chat_eval, tasks
 from nanochat_core.chat_eval import ChatEvalConfig
 from nanochat_core.config import ConfigError, config_from_dict
 from nanochat_core.gpt import GPT, config_for_depth
-from nanochat_core.tokenizer import Tokenizer
 
 SEQ_LEN = 256
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,8 @@ from nanochat_core.checkpoint import save_final_model
 from nanochat_core.config import ConfigError
 from nanochat_core.data.sources import DataError
 from nanochat_core.gpt import GPT, config_for_depth
-from nanochat_core.tokenizer import Tokenizer
 
 SEQ_LEN = 256  # short, so the 10-shot reading-comprehension prompts get cropped
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

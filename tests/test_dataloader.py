@@ -9,7 +9,6 @@ import torch
 
 from nanochat_core.data.sources import DataError
 from nanochat_core.dataloader import PretrainLoader, split_files
-from nanochat_core.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +19,6 @@ def shards_dir(shared_data, tmp_path_factory):
     for i, name in enumerate(["shard_00000.parquet", "shard_00001.parquet", "shard_00011.parquet"]):
         (out / f"shard_{i:05d}.parquet").symlink_to(src / name)
     return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 def reference_stream(paths, tokenizer, rank, world):

@@ -20,11 +20,6 @@ from nanochat_core.gpt import GPT, GPTConfig
 from nanochat_core.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_dir)
-
-
 def random_gpt(vocab_size: int, seed: int = 0, n_kv_head: int = 1) -> GPT:
     """A small GPT with PyTorch's default (non-zero) init everywhere, so attention matters."""
     torch.manual_seed(seed)

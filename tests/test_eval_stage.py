@@ -15,12 +15,6 @@ from nanochat_core.checkpoint import save_final_model
 from nanochat_core.config import ConfigError, config_from_dict
 from nanochat_core.eval import EvalConfig, evaluate, flat_metrics
 from nanochat_core.gpt import GPT, config_for_depth
-from nanochat_core.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

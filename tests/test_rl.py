@@ -50,11 +50,6 @@ def deterministic(metrics: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
 def sft_dir(tokenizer, shared_data, tmp_path_factory) -> Path:
     """A tiny chat model that half-knows the answers to the first RL training questions."""
     questions = rl.train_questions(rl.RLConfig(max_examples=TINY_RL["max_examples"]))

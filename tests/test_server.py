@@ -26,16 +26,10 @@ from nanochat_core.checkpoint import save_final_model
 from nanochat_core.engine import Engine
 from nanochat_core.gpt import GPT, GPTConfig
 from nanochat_core.server import ServeConfig, create_app
-from nanochat_core.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 256
 QUESTION = [{"role": "user", "content": "Why is the sky blue?"}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import uvicorn
 from nanochat_core.engine import Engine
 from nanochat_core.gpt import GPT, GPTConfig
 from nanochat_core.server import ServeConfig, create_app
-from nanochat_core.tokenizer import Tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -23,11 +22,6 @@ MAX_TOKENS = 24
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"{CHROMIUM} is not installed (apt-get install -y chromium)")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
