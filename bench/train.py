@@ -78,6 +78,8 @@ def run_once(args, d: DistInfo, compile_model: bool) -> dict:
     fwd = torch.compile(model, dynamic=False) if compile_model else model
     autocast = autocast_context(d.device)
     totals = dict.fromkeys(PHASES, 0.0)
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
     for step in range(args.warmup + args.steps):
         sync(d.device)
         t0 = time.perf_counter()
@@ -112,13 +114,16 @@ def run_once(args, d: DistInfo, compile_model: bool) -> dict:
     mfu = mfu_percent(model.estimate_flops(), tokens, step_s, peak_flops(d.device), d.world_size)
     result["mfu"] = None if mfu is None else round(mfu, 2)
     result["comm_ms"] = round(1000 * totals["comm"] / args.steps, 2)
+    if d.device.type == "cuda":
+        result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(d.device) / 2**30, 2)
     return result
 
 
 def describe(label: str, r: dict) -> str:
     mfu = "n/a (no known peak for this device)" if r["mfu"] is None else f"{r['mfu']:.2f}%"
     shares = ", ".join(f"{k} {100 * r[f'{k}_share']:.1f}%" for k in PHASES)
-    return f"{label}: {r['tok_per_s']:,} tok/s, {r['step_ms']:.1f} ms/step, MFU {mfu}; {shares}"
+    mem = f", peak memory {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
+    return f"{label}: {r['tok_per_s']:,} tok/s, {r['step_ms']:.1f} ms/step, MFU {mfu}{mem}; {shares}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,10 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from nanochat_core.engine import Engine, RowState
-from nanochat_core.gpt import SOFTCAP, apply_rotary_emb, norm
+from nanochat_core.gpt import SOFTCAP, apply_rotary_emb, attention, norm
 from nanochat_core.train.common import autocast_context
 
 logger = logging.getLogger("nanochat.batching")
@@ -90,7 +89,7 @@ def prefill(model, cache: SlotCache, slot: int, tokens: list[int]) -> torch.Tens
         cache.ensure(k)
         cache.k[layer, slot, :, :T] = k[0]
         cache.v[layer, slot, :, :T] = v[0]
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     return _run_blocks(model, ids, model.cos[:, :T], model.sin[:, :T], attend)
 
@@ -108,8 +107,8 @@ def decode(model, cache: SlotCache, last: list[int], positions: list[int]) -> to
         keys, values = cache.k[layer], cache.v[layer]
         keys[rows, :, pos] = k[:, :, 0].to(keys.dtype)
         values[rows, :, pos] = v[:, :, 0].to(values.dtype)
-        return F.scaled_dot_product_attention(q, keys[:B, :, :Tk], values[:B, :, :Tk], attn_mask=visible,
-                                              enable_gqa=gqa)
+        return attention(q, keys[:B, :, :Tk], values[:B, :, :Tk], attn_mask=visible,
+                         enable_gqa=gqa)
 
     return _run_blocks(model, ids, model.cos[0, pos][:, None], model.sin[0, pos][:, None], attend)
 

@@ -93,6 +93,9 @@ def init_distributed(device_type: str = "") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if device_type == "cuda":
+        # Growable segments instead of fixed blocks: d20 at 32 x 2048 tokens per rank sits within a few GiB
+        # of 80 GB, and fragmentation alone pushed it over (H100, measured). Read at the first allocation.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

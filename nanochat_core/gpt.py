@@ -18,9 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
+# Attention kernels outside compiled training: not cuDNN's, which builds an execution plan for every new
+# shape (about 60 ms each on an H100, bench/decode.py), while inference changes shape with every prompt and
+# every generated token.
+VARYING_SHAPE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -89,6 +94,15 @@ def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tenso
     return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention; on CUDA outside torch.compile, without the cuDNN backend (see
+    VARYING_SHAPE_BACKENDS). sdpa_kernel sets process-wide flags: fine for one decode thread per device."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(VARYING_SHAPE_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -113,12 +127,12 @@ class CausalSelfAttention(nn.Module):
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_kv_head != self.n_head
         if Tq == Tk:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:  # one new token attends to the whole cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+            y = attention(q, k, v, is_causal=False, enable_gqa=gqa)
         else:  # a chunk after a prefix: the prefix is visible, causal within the chunk
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 

@@ -38,14 +38,24 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor
     return X
 
 
-def muon_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, momentum: float,
-                nesterov: bool, ns_steps: int) -> None:
-    """One Muon step on p in place (grad is left untouched)."""
-    buf.lerp_(grad, 1 - momentum)
-    g = grad.lerp(buf, momentum) if nesterov else buf
-    g = zeropower_via_newtonschulz5(g, ns_steps)
-    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5  # taller matrices take a larger step
-    p.add_(g.to(p.dtype), alpha=-lr * scale)
+def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: float,
+                momentum: float, nesterov: bool, ns_steps: int, orthogonalize=zeropower_via_newtonschulz5) -> None:
+    """One Muon step, in place, on same-shape matrices at once (grads are left untouched): the momentum
+    updates are foreach ops and the Newton-Schulz iteration runs batched over the stacked matrices, so a
+    shape group costs a handful of kernel launches instead of a handful per matrix."""
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    g = torch.stack(torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
+    g = orthogonalize(g, ns_steps).to(params[0].dtype)
+    scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5  # taller matrices take a larger step
+    torch._foreach_add_(params, list(g.unbind(0)), alpha=-lr * scale)
+
+
+def orthogonalizer(params: list[torch.Tensor]):
+    """The Newton-Schulz function to use: compiled on CUDA (fused elementwise work between the matmuls),
+    eager elsewhere (compiling on CPU needs a C++ toolchain and gains little there)."""
+    if params and params[0].device.type == "cuda":
+        return torch.compile(zeropower_via_newtonschulz5)
+    return zeropower_via_newtonschulz5
 
 
 def _shape_groups(params: list[torch.Tensor], lr: float, momentum: float, nesterov: bool, ns_steps: int) -> list[dict]:
@@ -55,6 +65,12 @@ def _shape_groups(params: list[torch.Tensor], lr: float, momentum: float, nester
              "nesterov": nesterov, "ns_steps": ns_steps} for shape in shapes]
 
 
+def momentum_buffer(state: dict, like: torch.Tensor) -> torch.Tensor:
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(like)
+    return state["momentum_buffer"]
+
+
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
         params = list(params)
@@ -62,18 +78,17 @@ class Muon(torch.optim.Optimizer):
             raise ValueError("Muon optimizes 2-D matrices only; use AdamW for other parameters")
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps}
         super().__init__(_shape_groups(params, lr, momentum, nesterov, ns_steps), defaults)
+        self.orthogonalize = orthogonalizer(params)
 
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                muon_update(p, p.grad, state["momentum_buffer"], group["lr"], group["momentum"],
-                            group["nesterov"], group["ns_steps"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            bufs = [momentum_buffer(self.state[p], p.grad) for p in params]
+            muon_update(params, [p.grad for p in params], bufs, group["lr"], group["momentum"],
+                        group["nesterov"], group["ns_steps"], self.orthogonalize)
 
 
 class DistMuon(torch.optim.Optimizer):
@@ -89,6 +104,7 @@ class DistMuon(torch.optim.Optimizer):
             group["zero_buffer"] = torch.zeros_like(group["params"][0])
         super().__init__(groups, defaults)
         self.comm = CommClock()
+        self.orthogonalize = orthogonalizer(params)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -108,11 +124,8 @@ class DistMuon(torch.optim.Optimizer):
         for work, group, base, owned, grad in pending:
             self.comm.wait(work, grad.device)
             if owned is not None:
-                state = self.state[owned]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                muon_update(owned, grad, state["momentum_buffer"], group["lr"], group["momentum"],
-                            group["nesterov"], group["ns_steps"])
+                muon_update([owned], [grad], [momentum_buffer(self.state[owned], grad)], group["lr"],
+                            group["momentum"], group["nesterov"], group["ns_steps"], self.orthogonalize)
             params, zero = group["params"], group["zero_buffer"]
             block = params[base:base + world]
             outputs = block + [torch.empty_like(zero) for _ in range(world - len(block))]

@@ -61,6 +61,28 @@ def test_muon_nesterov_momentum():
     assert torch.equal(p.grad, g)  # the update leaves the gradient alone
 
 
+def test_batched_muon_step_equals_one_matrix_at_a_time():
+    """Muon updates a shape group in one batched Newton-Schulz; each matrix must end where a step of its own
+    (momentum, Nesterov look-ahead, orthogonalization, aspect-ratio scale) would take it, bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(48, 16)] * 3 + [(16, 48)] * 2 + [(24, 24)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    expected = [p.detach().clone() for p in params]
+    bufs = [torch.zeros(s) for s in shapes]
+    opt = Muon(params, lr=0.02, momentum=0.95)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for w, buf, g in zip(expected, bufs, grads, strict=True):
+            buf.lerp_(g, 1 - 0.95)
+            update = zeropower_via_newtonschulz5(g.lerp(buf, 0.95)).float()
+            w.add_(update, alpha=-0.02 * max(1.0, w.size(0) / w.size(1)) ** 0.5)
+    for p, w in zip(params, expected, strict=True):
+        assert torch.equal(p.detach(), w)
+
+
 def test_muon_rejects_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.nn.Parameter(torch.zeros(4))])
