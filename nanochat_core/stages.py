@@ -209,7 +209,21 @@ def execute(
         # so that a checkpoint in this directory can be traced to its inputs (the tokenizer) before it is done
         artifacts.atomic_write_bytes(plan.work_dir / artifacts.INPUTS,
                                      json.dumps({flag: ref.to_dict() for flag, ref in inputs.items()}).encode())
-        run_process(plan, inputs, nproc, on_line, timeout, nodes)
+        if not (artifacts.is_remote(plan.uri) and plan.stage in MODEL_STAGES):
+            run_process(plan, inputs, nproc, on_line, timeout, nodes)
+            return commit(plan)
+        # a remote store holds the stage's checkpoints too: resume from them on any machine
+        from nanochat_core import remote_checkpoints  # torch comes with it: only for training stages
+
+        say = on_line or print
+        fetched = remote_checkpoints.fetch_newest(plan.uri, plan.work_dir, say)
+        if fetched is not None:
+            say(f"{plan.stage}: resuming from checkpoint {fetched.name}, downloaded from {plan.uri}")
+        mirror = remote_checkpoints.CheckpointMirror(plan.uri, plan.work_dir, say)
+        try:
+            run_process(plan, inputs, nproc, mirror.watching(on_line), timeout, nodes)
+        finally:
+            mirror.close()
         return commit(plan)
     finally:
         lock.close()

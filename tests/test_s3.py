@@ -16,6 +16,7 @@ About 2 to 2.5 minutes on 2 cores, almost all of it the speedrun.
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,11 +26,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
+import torch
 from test_flows import MICRO, STAGES, free_port
 
-from nanochat_core import artifacts, stages
+from nanochat_core import artifacts, remote_checkpoints, stages
 from nanochat_core.artifacts import ArtifactError, StoreError
+from nanochat_core.checkpoint import COMPLETE, load_checkpoint, save_checkpoint
+from nanochat_core.common import DistInfo
+from nanochat_core.gpt import GPT, GPTConfig
+from nanochat_core.launch import StageFailed
 
 BUCKET = "nanochat-test"
 # a failed upload leaves s3fs coroutines that fsspec created for files it never started
@@ -179,6 +186,96 @@ def test_materialize_rechecks_the_store_and_the_local_copy(moto, tmp_path):
     artifacts.filesystem(uri).rm_file(f"{uri}/{artifacts.MANIFEST}")
     with pytest.raises(ArtifactError, match="incomplete"):
         artifacts.materialize(ref, cache_root=tmp_path / "cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# a training stage's checkpoints in the store: a crashed stage resumes on another machine
+
+
+def save_tiny_checkpoint(work: Path, step: int) -> Path:
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    optimizers = model.setup_optimizers()
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    return save_checkpoint(work, step, model, optimizers, {"model_config": model.config.to_dict()}, info,
+                           {"step": step}, keep=2)
+
+
+def checkpoint_line(path: Path, step: int) -> str:
+    return "NANOCHAT_CHECKPOINT " + json.dumps({"path": str(path), "step": step, "stage": "base"})
+
+
+def test_checkpoints_mirror_into_the_store_and_come_back_on_a_fresh_machine(moto, tmp_path):
+    uri = f"s3://{BUCKET}/unit/base/mirror"
+    work, said = tmp_path / "work", []
+    mirror = remote_checkpoints.CheckpointMirror(uri, work, said.append)
+    on_line = mirror.watching(said.append)
+    for step in (5, 10, 15):
+        on_line(checkpoint_line(save_tiny_checkpoint(work, step), step))
+    mirror.close()  # finishes the newest upload
+    stored = remote_checkpoints.remote_checkpoints(uri)
+    assert stored[-1] == (15, "step_000015") and {n for _, n in stored} <= {"step_000010", "step_000015"}
+    assert "checkpoint step_000015 copied to the store" in " ".join(said)
+
+    fresh = remote_checkpoints.fetch_newest(uri, tmp_path / "machine2")
+    assert fresh == tmp_path / "machine2" / "checkpoints" / "step_000015"
+    local = work / "checkpoints" / "step_000015"
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(p.name for p in local.iterdir())
+    assert all((fresh / p.name).read_bytes() == p.read_bytes() for p in local.iterdir())
+    assert remote_checkpoints.fetch_newest(uri, work) is None  # nothing newer than the local ones
+
+    remote_checkpoints.upload_checkpoint(work / "checkpoints" / "step_000010", uri)
+    fs = artifacts.filesystem(uri)
+    data = bytearray(fs.cat_file(f"{uri}/checkpoints/step_000015/model.pt"))
+    data[-100] ^= 0x01  # same size, one bit: only the sha256 in COMPLETE can tell
+    fs.pipe_file(f"{uri}/checkpoints/step_000015/model.pt", bytes(data))
+    warnings = []
+    older = remote_checkpoints.fetch_newest(uri, tmp_path / "machine3", warnings.append)
+    assert older.name == "step_000010" and load_checkpoint(older, "cpu")[2]["step"] == 10
+    assert len(warnings) == 1 and "step_000015" in warnings[0] and "model.pt" in warnings[0]
+    assert not any(p.name.startswith("step_000015") for p in (tmp_path / "machine3" / "checkpoints").iterdir())
+
+    fs.rm_file(f"{uri}/checkpoints/step_000015/{COMPLETE}")  # an upload cut off before its marker
+    assert remote_checkpoints.remote_checkpoints(uri) == [(10, "step_000010")]
+
+
+def test_mirror_failures_are_reported_and_the_stage_goes_on(moto, tmp_path):
+    said = []
+    mirror = remote_checkpoints.CheckpointMirror(f"s3://no-such-bucket-{os.getpid()}/base/x", tmp_path, said.append)
+    mirror.push(save_tiny_checkpoint(tmp_path, 3))
+    mirror.close()
+    assert mirror.uploaded == [] and len(said) == 1
+    assert said[0].startswith("warning: checkpoint step_000003 was not copied to the store s3://no-such-bucket")
+
+
+def test_base_stage_killed_resumes_on_a_fresh_machine_from_the_stores_checkpoint(moto, shared_data, tmp_path,
+                                                                               monkeypatch):
+    local_store = str(tmp_path / "local")
+    shards = stages.run_stage("shards", stages.make_config("shards", {"source": str(shared_data)}), {}, local_store)
+    tok = stages.run_stage("tokenizer", stages.make_config("tokenizer", MICRO["tokenizer"]), {"shards": shards},
+                           local_store)
+    inputs, store = {"shards": shards, "tokenizer": tok}, f"s3://{BUCKET}/resume"
+    plan = stages.plan_stage("base", stages.make_config("base", MICRO["base"]), inputs, store)
+
+    def kill_at_first_checkpoint(line: str) -> None:
+        if line.startswith("NANOCHAT_CHECKPOINT"):
+            for proc in psutil.Process().children():
+                if "nanochat_core.train.base" in " ".join(proc.cmdline()):
+                    os.killpg(proc.pid, signal.SIGKILL)  # torchrun leads its own process group
+
+    with pytest.raises(StageFailed):
+        stages.execute(plan, inputs, on_line=kill_at_first_checkpoint)
+    assert remote_checkpoints.remote_checkpoints(plan.uri) == [(10, "step_000010")]
+    assert artifacts.read_manifest_bytes(plan.uri) is None  # the artifact itself is still incomplete
+
+    monkeypatch.setenv("NANOCHAT_STAGING", str(tmp_path / "machine2" / "staging"))  # another machine
+    plan2 = stages.plan_stage("base", stages.make_config("base", MICRO["base"]), inputs, store)
+    assert plan2.work_dir != plan.work_dir and not plan2.work_dir.exists()
+    lines = []
+    ref = stages.execute(plan2, inputs, on_line=lines.append)
+    assert any("resuming from checkpoint step_000010" in line for line in lines)
+    metrics = json.loads(artifacts.read_artifact_file(ref.uri, "metrics.json"))
+    assert metrics["resumed_from_step"] == 10 and metrics["steps"] == MICRO["base"]["num_iterations"]
+    assert artifacts.verify_artifact(ref.uri, ref.digest, deep=True).digest == ref.digest
 
 
 # ---------------------------------------------------------------------------------------------
