@@ -45,7 +45,8 @@ def evaluate(
     nproc: int = 1,
     missing_ok: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate `checkpoint` (a model or checkpoint directory), or with none every model under `store`.
+    """Evaluate `checkpoint` (a finished model or a checkpoint: a local directory, or its URI in an s3:// store),
+    or with none every model in `store`.
 
     Results go to `store`; returns {"evaluated": [...], "already": [...]}, each entry {model, phase, step,
     result (the eval artifact's URI), metrics}. missing_ok (set by the checkpoint-event trigger): a checkpoint
@@ -57,21 +58,22 @@ def evaluate(
     artifacts.check_store(store)
     config = eval_config(tasks, max_per_task, device_type)
     if checkpoint:
-        path = Path(artifacts.local_path(checkpoint))
-        if not path.is_dir() and missing_ok:
+        exists = stages.model_exists(checkpoint)
+        if not exists and missing_ok:
             logger.warning(f"evaluate: checkpoint {checkpoint} no longer exists (training keeps only its newest "
                            "checkpoints); nothing to evaluate")
             return {"evaluated": [], "already": []}
-        if not path.is_dir():
-            raise artifacts.ArtifactError(f"checkpoint {checkpoint} is not a directory")
-        models = [path]
+        if not exists:
+            raise artifacts.ArtifactError(f"checkpoint {checkpoint} does not exist (no model directory there)")
+        models = [checkpoint]
     else:
         models = stages.find_models(store)
     logger.info(f"evaluate: {len(models)} model(s), tasks {tasks!r}, results in {store}/eval")
     out: dict[str, list[dict[str, Any]]] = {"evaluated": [], "already": []}
     for model_dir in models:
-        inputs = {"model": stages.model_ref(model_dir), "tokenizer": stages.model_tokenizer(model_dir)}
-        meta = checkpoint_meta(model_dir)
+        local = stages.local_model(model_dir)  # a model in a remote store: downloaded and checked
+        inputs = {"model": stages.model_ref(model_dir, local), "tokenizer": stages.model_tokenizer(model_dir)}
+        meta = checkpoint_meta(local)
         name = f"eval-{meta.get('stage', 'model')}-{meta.get('step', 'final')}"
         done = stages.find_done(stages.plan_stage("eval", stages.make_config("eval", config), inputs, store))
         if done is not None:

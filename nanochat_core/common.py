@@ -131,10 +131,15 @@ def emit_progress(step: int, total: int, **metrics) -> None:
         sys.stdout.flush()
 
 
+def checkpoint_line(path: str, step: int, stage: str) -> str:
+    """The line that announces a committed checkpoint (without its newline)."""
+    return CHECKPOINT_PREFIX + json.dumps({"path": path, "step": step, "stage": stage})
+
+
 def emit_checkpoint(path: str, step: int, stage: str) -> None:
     """Announce a committed checkpoint (rank 0 only); flows turn this into a Prefect event."""
     if int(os.environ.get("RANK", 0)) == 0:
-        sys.stdout.write(CHECKPOINT_PREFIX + json.dumps({"path": path, "step": step, "stage": stage}) + "\n")
+        sys.stdout.write(checkpoint_line(path, step, stage) + "\n")
         sys.stdout.flush()
 
 

@@ -13,11 +13,18 @@ would from its own.
 
 Uploads run on a thread of their own, so training never waits for the store; when checkpoints come faster
 than they upload, only the newest waiting one is sent. A failed upload is reported and the next checkpoint
-tried: the mirror is a convenience for resuming elsewhere, never a reason to stop a stage.
+tried: the mirror is a convenience for resuming elsewhere, never a reason to stop a stage. A checkpoint is
+announced (its NANOCHAT_CHECKPOINT line, which the flows turn into the event that triggers an evaluation)
+once it is in the store, under its store URI: the staging path means nothing to another machine. The
+stage's inputs record goes up first, so that a checkpoint found in the store names its tokenizer.
+
+`cached_checkpoint` is the reader's side: a local, checked copy of a checkpoint in the store, for the
+evaluate flow, the chat CLI and the server.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -25,7 +32,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from nanochat_core.artifacts import ArtifactError, filesystem, join_uri, store_errors
+from nanochat_core.artifacts import INPUTS, ArtifactError, default_cache_root, filesystem, join_uri, store_errors
 from nanochat_core.checkpoint import (
     CHECKPOINTS,
     COMPLETE,
@@ -35,7 +42,7 @@ from nanochat_core.checkpoint import (
     latest_checkpoint,
     verify_checkpoint_files,
 )
-from nanochat_core.common import parse_structured_line
+from nanochat_core.common import checkpoint_line, parse_structured_line
 
 
 def remote_checkpoints(uri: str) -> list[tuple[int, str]]:
@@ -126,12 +133,40 @@ def download_checkpoint(uri: str, name: str, dest_root: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cached_checkpoint(checkpoint_uri: str, cache_root: Path | None = None) -> Path:
+    """A local copy of the checkpoint at `checkpoint_uri` (<artifact uri>/checkpoints/step_N): the one already
+    downloaded when it still matches the store's COMPLETE and its files their sha256, else a fresh download."""
+    artifact, _, name = checkpoint_uri.rstrip("/").rsplit("/", 2)
+    root = Path(cache_root or default_cache_root()) / CHECKPOINTS / hashlib.sha256(artifact.encode()).hexdigest()[:20]
+    local = root / name
+    with store_errors(checkpoint_uri, "reading its COMPLETE marker"):
+        try:
+            marker = filesystem(checkpoint_uri).cat_file(join_uri(checkpoint_uri, COMPLETE))
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{checkpoint_uri} is not a complete checkpoint (no {COMPLETE})") from e
+    try:
+        if (local / COMPLETE).read_bytes() == marker:
+            verify_checkpoint_files(local, sorted(json.loads(marker)["sha256"]))
+            return local
+    except (OSError, ValueError, KeyError, CheckpointError):
+        pass  # absent, stale or damaged: download it again
+    return download_checkpoint(artifact, name, root)
+
+
+def upload_inputs_record(work_dir: Path, uri: str) -> None:
+    """The stage's inputs record (which tokenizer, ...) into the store, beside the checkpoints."""
+    record = Path(work_dir) / INPUTS
+    if record.is_file():
+        with store_errors(uri, f"writing {INPUTS}"):
+            filesystem(uri).pipe_file(join_uri(uri, INPUTS), record.read_bytes())
+
+
 class CheckpointMirror:
     """Uploads the checkpoints a stage announces (its NANOCHAT_CHECKPOINT lines) on a thread of its own."""
 
     def __init__(self, uri: str, work_dir: Path, say: Callable[[str], None] = print):
         self.uri, self.work_dir, self.say = uri, Path(work_dir), say
-        self.waiting: Path | None = None
+        self.waiting: tuple[Path, dict] | None = None
         self.closing = False
         self.uploaded: list[str] = []
         self.cond = threading.Condition()
@@ -139,17 +174,21 @@ class CheckpointMirror:
         self.thread.start()
 
     def watching(self, on_line: Callable[[str], None] | None) -> Callable[[str], None]:
-        """on_line, also handing each checkpoint line's path to the mirror."""
+        """on_line, with each checkpoint line handed to the mirror instead (it is announced once uploaded)."""
+        forward = on_line or self.say
+
         def handle(line: str) -> None:
             parsed = parse_structured_line(line)
-            if parsed is not None and parsed[0] == "checkpoint" and "path" in parsed[1]:
-                self.push(Path(parsed[1]["path"]))
-            (on_line or self.say)(line)
+            if parsed is None or parsed[0] != "checkpoint" or "path" not in parsed[1]:
+                forward(line)
+                return
+            forward(f"checkpoint {Path(parsed[1]['path']).name} saved; copying it to the store {self.uri}")
+            self.push(Path(parsed[1]["path"]), parsed[1])
         return handle
 
-    def push(self, checkpoint: Path) -> None:
+    def push(self, checkpoint: Path, announcement: dict | None = None) -> None:
         with self.cond:
-            self.waiting = checkpoint  # a checkpoint still waiting is superseded: only the newest matters
+            self.waiting = (checkpoint, announcement or {})  # a checkpoint still waiting is superseded
             self.cond.notify()
 
     def close(self) -> None:
@@ -160,16 +199,20 @@ class CheckpointMirror:
         self.thread.join()
 
     def _loop(self) -> None:
+        try:
+            upload_inputs_record(self.work_dir, self.uri)
+        except ArtifactError as e:
+            self.say(f"warning: {INPUTS} was not copied to the store {self.uri}: {e}")
         while True:
             with self.cond:
                 while self.waiting is None and not self.closing:
                     self.cond.wait()
-                checkpoint, self.waiting = self.waiting, None
-            if checkpoint is None:
+                waiting, self.waiting = self.waiting, None
+            if waiting is None:
                 return
-            self._mirror(checkpoint)
+            self._mirror(*waiting)
 
-    def _mirror(self, checkpoint: Path) -> None:
+    def _mirror(self, checkpoint: Path, announcement: dict) -> None:
         try:
             upload_checkpoint(checkpoint, self.uri)
             keep = {p.name for p in complete_checkpoints(self.work_dir)}
@@ -178,4 +221,5 @@ class CheckpointMirror:
             self.say(f"warning: checkpoint {checkpoint.name} was not copied to the store {self.uri}: {e}")
             return
         self.uploaded.append(checkpoint.name)
-        self.say(f"checkpoint {checkpoint.name} copied to the store {self.uri}")
+        step = announcement.get("step", int(STEP_DIR_RE.match(checkpoint.name).group(1)))
+        self.say(checkpoint_line(join_uri(self.uri, CHECKPOINTS, checkpoint.name), step, announcement.get("stage", "")))

@@ -242,48 +242,102 @@ def run_stage(stage: str, config: Any, inputs: dict[str, ArtifactRef], store: st
 MODEL_STAGES = ("base", "mid", "sft", "rl")
 
 
-def find_models(store: str) -> list[Path]:
-    """Every model under a local store: each training stage's finished model and the complete checkpoints
-    of finished and still-running stages, oldest step first within a stage directory."""
+def find_models(store: str) -> list[str]:
+    """Every model in a store (local or remote): each training stage's finished model and the complete
+    checkpoints of finished and still-running stages, oldest step first within a stage directory."""
+    if artifacts.is_remote(store):
+        return _find_remote_models(store)
     from nanochat_core.checkpoint import complete_checkpoints
 
-    if artifacts.is_remote(store):
-        raise ArtifactError(f"finding checkpoints under a remote store ({store}) is not supported; "
-                            "name the checkpoint instead")
     root = artifacts.local_path(store)
     found = []
     for stage in MODEL_STAGES:
         for work in sorted(p for p in (root / stage).glob("*") if p.is_dir()):
-            found += complete_checkpoints(work)
+            found += [str(p) for p in complete_checkpoints(work)]
             if (work / artifacts.MANIFEST).is_file() and (work / "model.pt").is_file():
-                found.append(work)
+                found.append(str(work))
     return found
 
 
-def model_ref(model_dir: str | Path) -> ArtifactRef:
-    """A stage's finished model by its manifest; a checkpoint by the content of its weights and meta."""
-    model_dir = Path(model_dir)
-    if (model_dir / artifacts.MANIFEST).is_file():
-        return artifacts.verify_artifact(str(model_dir.resolve()))
-    return artifacts.checkpoint_ref(model_dir)
+def _find_remote_models(store: str) -> list[str]:
+    """find_models of an s3:// (or other remote) store, from two listings per training stage."""
+    from nanochat_core.checkpoint import CHECKPOINTS, COMPLETE, STEP_DIR_RE
+
+    fs = artifacts.filesystem(store)
+    found = []
+    for stage in MODEL_STAGES:
+        stage_uri = artifacts.join_uri(store, stage)
+        with artifacts.store_errors(store, f"listing the {stage} models"):
+            markers = fs.glob(artifacts.join_uri(stage_uri, "*", CHECKPOINTS, "step_*", COMPLETE))
+            finished = {m.rsplit("/", 2)[-2] for m in fs.glob(artifacts.join_uri(stage_uri, "*", artifacts.MANIFEST))}
+            weights = {m.rsplit("/", 2)[-2] for m in fs.glob(artifacts.join_uri(stage_uri, "*", "model.pt"))}
+        steps: dict[str, list[tuple[int, str]]] = {}
+        for marker in markers:
+            key, _, name, _ = marker.rsplit("/", 4)[-4:]
+            m = STEP_DIR_RE.match(name)
+            if m:
+                steps.setdefault(key, []).append((int(m.group(1)), name))
+        for key in sorted(set(steps) | (finished & weights)):
+            key_uri = artifacts.join_uri(stage_uri, key)
+            found += [artifacts.join_uri(key_uri, CHECKPOINTS, name) for _, name in sorted(steps.get(key, []))]
+            if key in finished and key in weights:
+                found.append(key_uri)
+    return found
 
 
-def model_tokenizer(model_dir: str | Path) -> ArtifactRef:
+def is_checkpoint(model: str | Path) -> bool:
+    """A training checkpoint (<stage dir>/checkpoints/step_N), as opposed to a stage's finished model."""
+    from nanochat_core.checkpoint import CHECKPOINTS
+
+    return str(model).rstrip("/").rsplit("/", 2)[-2] == CHECKPOINTS
+
+
+def model_exists(model: str | Path) -> bool:
+    """Whether a model (local or remote; a finished model or a checkpoint) is in its store now."""
+    from nanochat_core.checkpoint import COMPLETE
+
+    marker = COMPLETE if is_checkpoint(model) else artifacts.MANIFEST
+    if not artifacts.is_remote(str(model)):
+        return Path(artifacts.local_path(str(model))).is_dir()
+    return artifacts.read_artifact_file(str(model), marker) is not None
+
+
+def local_model(model: str | Path) -> Path:
+    """A local directory holding the model: itself when local, else a checked download (reused while intact)."""
+    model = str(model)
+    if not artifacts.is_remote(model):
+        return Path(artifacts.local_path(model))
+    if is_checkpoint(model):
+        from nanochat_core.remote_checkpoints import cached_checkpoint
+
+        return cached_checkpoint(model)
+    return artifacts.materialize(artifacts.verify_artifact(model))
+
+
+def model_ref(model: str | Path, local: Path | None = None) -> ArtifactRef:
+    """A stage's finished model by its manifest; a checkpoint by the content of its weights and meta (read from
+    `local`, its local copy, for a remote one)."""
+    model = str(model)
+    if not is_checkpoint(model) and artifacts.read_manifest_bytes(model) is not None:
+        return artifacts.verify_artifact(model if artifacts.is_remote(model) else str(Path(model).resolve()))
+    return artifacts.checkpoint_ref(local or local_model(model))
+
+
+def model_tokenizer(model: str | Path) -> ArtifactRef:
     """The tokenizer a model was trained with: from its artifact's manifest or, for a checkpoint inside a
     stage's directory (finished or not), from that stage's manifest or inputs record."""
-    model_dir = Path(model_dir)
-    places = [model_dir]
-    if model_dir.parent.name == "checkpoints":
-        places.append(model_dir.parent.parent)
+    model = str(model).rstrip("/")
+    places = [model]
+    if is_checkpoint(model):
+        places.append(model.rsplit("/", 2)[0])
     for place in places:
-        manifest = artifacts.read_manifest_bytes(str(place))
+        manifest = artifacts.read_manifest_bytes(place)
         if manifest is not None:
             m = json.loads(manifest)
             if "tokenizer" in m.get("inputs", {}) and "tokenizer" in m.get("upstream", {}):
                 return ArtifactRef(m["inputs"]["tokenizer"], m["upstream"]["tokenizer"])
-        if (place / artifacts.INPUTS).is_file():
-            recorded = json.loads((place / artifacts.INPUTS).read_text())
-            if "tokenizer" in recorded:
-                return ArtifactRef.from_dict(recorded["tokenizer"])
-    raise ArtifactError(f"cannot tell which tokenizer {model_dir} was trained with: no manifest or "
+        recorded = artifacts.read_artifact_file(place, artifacts.INPUTS)
+        if recorded is not None and "tokenizer" in json.loads(recorded):
+            return ArtifactRef.from_dict(json.loads(recorded)["tokenizer"])
+    raise ArtifactError(f"cannot tell which tokenizer {model} was trained with: no manifest or "
                         f"{artifacts.INPUTS} naming one beside it; is it a model of a nanochat store?")

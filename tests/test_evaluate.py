@@ -38,7 +38,7 @@ def eval_dirs(store) -> set[str]:
 
 
 def test_models_in_a_store_and_their_tokenizer(store):
-    models = stages.find_models(store)
+    models = [Path(m) for m in stages.find_models(store)]
     assert [m.name for m in models] == ["step_000010", "step_000020", models[-1].name]
     assert (models[-1] / "MANIFEST.json").is_file()
     tok = stages.model_tokenizer(models[0])  # a checkpoint: found through its stage's manifest
@@ -76,7 +76,7 @@ def test_evaluate_bad_input_is_a_clear_error(prefect_api, store, tmp_path):
 
     with pytest.raises(ConfigError, match="unknown task"):
         evaluate(store=store, tasks="ARC-Easy,Nope")
-    with pytest.raises(artifacts.ArtifactError, match="not a directory"):
+    with pytest.raises(artifacts.ArtifactError, match="missing does not exist"):
         evaluate(checkpoint=str(tmp_path / "missing"), store=store, tasks=TASKS)
     # what an event for a checkpoint that training has since pruned gets: nothing to do, not a failure
     assert evaluate(checkpoint=str(tmp_path / "missing"), store=store, tasks=TASKS, missing_ok=True) == {

@@ -214,7 +214,9 @@ def test_checkpoints_mirror_into_the_store_and_come_back_on_a_fresh_machine(moto
     mirror.close()  # finishes the newest upload
     stored = remote_checkpoints.remote_checkpoints(uri)
     assert stored[-1] == (15, "step_000015") and {n for _, n in stored} <= {"step_000010", "step_000015"}
-    assert "checkpoint step_000015 copied to the store" in " ".join(said)
+    announced = [json.loads(line.split(" ", 1)[1]) for line in said if line.startswith("NANOCHAT_CHECKPOINT")]
+    assert announced[-1] == {"path": f"{uri}/checkpoints/step_000015", "step": 15, "stage": "base"}
+    assert all(a["path"].startswith(f"{uri}/checkpoints/") for a in announced)  # the store's URI, never staging
 
     fresh = remote_checkpoints.fetch_newest(uri, tmp_path / "machine2")
     assert fresh == tmp_path / "machine2" / "checkpoints" / "step_000015"
@@ -247,9 +249,12 @@ def test_mirror_failures_are_reported_and_the_stage_goes_on(moto, tmp_path):
     assert said[0].startswith("warning: checkpoint step_000003 was not copied to the store s3://no-such-bucket")
 
 
-def test_base_stage_killed_resumes_on_a_fresh_machine_from_the_stores_checkpoint(moto, shared_data, tmp_path,
-                                                                               monkeypatch):
-    local_store = str(tmp_path / "local")
+@pytest.fixture(scope="module")
+def resumed_on_s3(moto, shared_data, tmp_path_factory):
+    """A base stage on an S3 store killed at its first checkpoint, then run again on a "second machine" (empty
+    staging): (the killed run's plan, the finished artifact, the second run's output lines)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    local_store = str(tmp / "local")
     shards = stages.run_stage("shards", stages.make_config("shards", {"source": str(shared_data)}), {}, local_store)
     tok = stages.run_stage("tokenizer", stages.make_config("tokenizer", MICRO["tokenizer"]), {"shards": shards},
                            local_store)
@@ -257,25 +262,51 @@ def test_base_stage_killed_resumes_on_a_fresh_machine_from_the_stores_checkpoint
     plan = stages.plan_stage("base", stages.make_config("base", MICRO["base"]), inputs, store)
 
     def kill_at_first_checkpoint(line: str) -> None:
-        if line.startswith("NANOCHAT_CHECKPOINT"):
+        if line.startswith("checkpoint step_"):  # the mirror's note that the stage saved one
             for proc in psutil.Process().children():
                 if "nanochat_core.train.base" in " ".join(proc.cmdline()):
                     os.killpg(proc.pid, signal.SIGKILL)  # torchrun leads its own process group
 
     with pytest.raises(StageFailed):
         stages.execute(plan, inputs, on_line=kill_at_first_checkpoint)
-    assert remote_checkpoints.remote_checkpoints(plan.uri) == [(10, "step_000010")]
-    assert artifacts.read_manifest_bytes(plan.uri) is None  # the artifact itself is still incomplete
+    killed = {"checkpoints": remote_checkpoints.remote_checkpoints(plan.uri),
+              "manifest": artifacts.read_manifest_bytes(plan.uri)}
+    with env_vars(NANOCHAT_STAGING=str(tmp / "machine2" / "staging")):  # another machine
+        plan2 = stages.plan_stage("base", stages.make_config("base", MICRO["base"]), inputs, store)
+        assert plan2.work_dir != plan.work_dir and not plan2.work_dir.exists()
+        lines = []
+        ref = stages.execute(plan2, inputs, on_line=lines.append)
+    return {"plan": plan, "killed": killed, "ref": ref, "lines": lines, "tokenizer": tok, "store": store}
 
-    monkeypatch.setenv("NANOCHAT_STAGING", str(tmp_path / "machine2" / "staging"))  # another machine
-    plan2 = stages.plan_stage("base", stages.make_config("base", MICRO["base"]), inputs, store)
-    assert plan2.work_dir != plan.work_dir and not plan2.work_dir.exists()
-    lines = []
-    ref = stages.execute(plan2, inputs, on_line=lines.append)
+
+def test_base_stage_killed_resumes_on_a_fresh_machine_from_the_stores_checkpoint(resumed_on_s3):
+    plan, ref, lines = resumed_on_s3["plan"], resumed_on_s3["ref"], resumed_on_s3["lines"]
+    assert resumed_on_s3["killed"] == {"checkpoints": [(10, "step_000010")], "manifest": None}  # still incomplete
     assert any("resuming from checkpoint step_000010" in line for line in lines)
     metrics = json.loads(artifacts.read_artifact_file(ref.uri, "metrics.json"))
     assert metrics["resumed_from_step"] == 10 and metrics["steps"] == MICRO["base"]["num_iterations"]
     assert artifacts.verify_artifact(ref.uri, ref.digest, deep=True).digest == ref.digest
+    announced = [json.loads(line.split(" ", 1)[1])["path"] for line in lines if line.startswith("NANOCHAT_CHECKPOINT")]
+    assert announced[-1] == f"{plan.uri}/checkpoints/step_000030"
+
+
+def test_models_in_an_s3_store_are_found_fetched_and_evaluated(resumed_on_s3, prefect_api, tmp_path):
+    from flows.evaluate import evaluate
+
+    ref, store = resumed_on_s3["ref"], resumed_on_s3["store"]
+    models = stages.find_models(store)
+    assert models == [f"{ref.uri}/checkpoints/step_000020", f"{ref.uri}/checkpoints/step_000030", ref.uri]
+    assert all(stages.model_tokenizer(m) == resumed_on_s3["tokenizer"] for m in models)
+    local = stages.local_model(models[0])
+    assert local.name == "step_000020" and stages.local_model(models[0]) == local  # the checked copy is reused
+    assert stages.model_ref(models[0], local).digest == artifacts.checkpoint_ref(local).digest
+    assert not stages.model_exists(f"{ref.uri}/checkpoints/step_000010")  # pruned, as in staging
+
+    result = evaluate(checkpoint=models[1], store=store, tasks="ARC-Easy", max_per_task=1, device_type="cpu")
+    [entry] = result["evaluated"]
+    assert entry["step"] == 30 and entry["result"].startswith(f"{store}/eval/") and "ARC-Easy" in entry["metrics"]
+    gone = evaluate(checkpoint=f"{ref.uri}/checkpoints/step_000010", store=store, tasks="ARC-Easy", missing_ok=True)
+    assert gone == {"evaluated": [], "already": []}
 
 
 # ---------------------------------------------------------------------------------------------
