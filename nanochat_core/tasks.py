@@ -466,6 +466,7 @@ def interleave(sources: list[list[dict]], seed: int, limit: int | None = None) -
 # 460K; SFT 300 + 300 beside 10K. We keep those ratios to our conversation count, capped at upstream's sizes: the
 # real SmolTalk (460K) gets upstream's numbers, the mirror's ~2.6K conversations ~1.1K + 450 (mid), 79 + 79 (SFT).
 SPELLING_MIX = {"mid": ((200_000, 80_000), 460_000), "sft": ((300, 300), 10_000)}
+SFT_CONVERSATIONS = 10_000  # upstream's SFT takes SmolTalk train[:10K]: the task rows keep their share of the mix
 
 
 def spelling_sizes(name: str, n_conversations: int) -> tuple[int, int]:
@@ -482,6 +483,8 @@ def mixture_sources(name: str, split: str = "train") -> list[list[dict]]:
     if split == "val":
         return [smoltalk("val"), mmlu("test"), gsm8k("test")] if name == "mid" else [smoltalk("val")]
     conversations = smoltalk("train")
+    if name == "sft":
+        conversations = conversations[:SFT_CONVERSATIONS]
     n_simple, n_bee = spelling_sizes(name, len(conversations))
     spelling = [simple_spelling(n_simple), spelling_bee(n_bee)]
     if name == "mid":

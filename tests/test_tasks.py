@@ -271,7 +271,19 @@ def test_spelling_sizes_follow_upstream_ratios():
 def test_mixtures_include_spelling(shared_data):
     for name in tasks.MIXTURES:
         sources = tasks.mixture_sources(name)
-        n_conversations = len(tasks.smoltalk("train"))
+        n_conversations = len(tasks.smoltalk("train")[:tasks.SFT_CONVERSATIONS if name == "sft" else None])
         simple, bee = sources[-2:]
         assert (len(simple), len(bee)) == tasks.spelling_sizes(name, n_conversations)
         assert simple[0]["messages"][0]["content"].startswith("Spell the word: ") and "letter" in bee[0]
+
+
+def test_sft_takes_the_first_10k_conversations_like_upstream(shared_data, monkeypatch):
+    """With the real SmolTalk (460K conversations) SFT must not train on all of it: upstream's mix is ARC + GSM8K
+    + SmolTalk train[:10K] + 300 + 300 spelling rows, which keeps the task rows' share."""
+    many = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(30_000)]
+    monkeypatch.setattr(tasks, "smoltalk", lambda split="train": many)
+    sources = tasks.mixture_sources("sft")
+    conversations, simple, bee = sources[3], sources[-2], sources[-1]
+    assert conversations == many[:10_000] and (len(simple), len(bee)) == (300, 300)
+    assert len(tasks.mixture_sources("mid")[0]) == 30_000  # midtraining takes every conversation
