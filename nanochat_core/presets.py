@@ -13,6 +13,7 @@ import copy
 from typing import Any
 
 from nanochat_core.config import ConfigError
+from nanochat_core.data.sources import IDENTITY_URL
 
 _TINY: dict[str, dict[str, Any]] = {
     "shards": {"num_shards": -1},
@@ -40,8 +41,8 @@ def _tier(depth: int, shards: int, device_batch_size: int, tok_chars: int) -> di
         "base": {"depth": depth, "max_seq_len": 2048, "device_batch_size": device_batch_size,
                  "total_batch_size": 524288, "target_param_data_ratio": 20, "save_every": 1000},
         "mid": {"device_batch_size": device_batch_size, "max_seq_len": 2048, "total_batch_size": 524288,
-                "save_every": 500},
-        "sft": {"device_batch_size": 4, "save_every": 200},
+                "save_every": 500, "identity_conversations": IDENTITY_URL},
+        "sft": {"device_batch_size": 4, "save_every": 200, "identity_conversations": IDENTITY_URL},
         "rl": {"device_batch_size": 8, "save_every": 60},
         "eval": {"tasks": "auto"},
     }

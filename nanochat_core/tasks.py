@@ -234,9 +234,11 @@ def conversation_problem(row: Any) -> str | None:
 
 
 def load_conversations(location: str) -> tuple[list[dict], int]:
-    """Valid conversations of one file and the number of invalid rows skipped. No valid row is an error."""
+    """Valid conversations of one file and the number of invalid rows skipped. No valid row is an error.
+    A row is {"messages": [...]}, or the messages list itself (upstream's CustomJSON files)."""
     valid, skipped, first_problem = [], 0, None
     for i, row in enumerate(read_records(location)):
+        row = {"messages": row} if isinstance(row, list) else row
         problem = conversation_problem(row)
         if problem is None:
             valid.append({"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]})
@@ -467,6 +469,8 @@ def interleave(sources: list[list[dict]], seed: int, limit: int | None = None) -
 # real SmolTalk (460K) gets upstream's numbers, the mirror's ~2.6K conversations ~1.1K + 450 (mid), 79 + 79 (SFT).
 SPELLING_MIX = {"mid": ((200_000, 80_000), 460_000), "sft": ((300, 300), 10_000)}
 SFT_CONVERSATIONS = 10_000  # upstream's SFT takes SmolTalk train[:10K]: the task rows keep their share of the mix
+# Conversations that teach the model its name and maker (upstream's CustomJSON), ~1K rows: twice in mid, once in SFT.
+IDENTITY_REPEATS = {"mid": 2, "sft": 1}
 
 
 def spelling_sizes(name: str, n_conversations: int) -> tuple[int, int]:
@@ -476,8 +480,9 @@ def spelling_sizes(name: str, n_conversations: int) -> tuple[int, int]:
     return tuple(min(cap, round(n_conversations * cap / per)) for cap in caps)
 
 
-def mixture_sources(name: str, split: str = "train") -> list[list[dict]]:
-    """The task lists that make up a mixture. Val: held-out conversations (+ MMLU/GSM8K test for mid)."""
+def mixture_sources(name: str, split: str = "train", identity: str = "") -> list[list[dict]]:
+    """The task lists that make up a mixture. Val: held-out conversations (+ MMLU/GSM8K test for mid).
+    identity: a conversations file (path or URL) added IDENTITY_REPEATS[name] times to the training mixture."""
     _check_choice("mixture", name, MIXTURES)
     _check_choice("mixture split", split, CONVERSATION_SPLITS)
     if split == "val":
@@ -487,17 +492,21 @@ def mixture_sources(name: str, split: str = "train") -> list[list[dict]]:
         conversations = conversations[:SFT_CONVERSATIONS]
     n_simple, n_bee = spelling_sizes(name, len(conversations))
     spelling = [simple_spelling(n_simple), spelling_bee(n_bee)]
+    identities = [load_conversations(identity)[0]] * IDENTITY_REPEATS[name] if identity else []
     if name == "mid":
-        return [conversations, mmlu_auxiliary_train(), gsm8k("train"), *spelling]
-    return [arc("ARC-Easy", "train"), arc("ARC-Challenge", "train"), gsm8k("train"), conversations, *spelling]
+        return [conversations, mmlu_auxiliary_train(), gsm8k("train"), *identities, *spelling]
+    return [arc("ARC-Easy", "train"), arc("ARC-Challenge", "train"), gsm8k("train"), conversations, *identities,
+            *spelling]
 
 
-def mixture(name: str, seed: int = 42, limit: int | None = None, split: str = "train") -> list[dict]:
+def mixture(name: str, seed: int = 42, limit: int | None = None, split: str = "train",
+            identity: str = "") -> list[dict]:
     """The "mid" or "sft" training mixture as one deterministic, shuffled list of conversations.
 
-    mid = conversations + MMLU auxiliary_train + GSM8K train + SimpleSpelling + SpellingBee; sft = ARC-Easy train
-    + ARC-Challenge train + GSM8K train + conversations + SimpleSpelling + SpellingBee (spelling sizes: see
-    spelling_sizes). `limit` caps the total, taking from each source in proportion to its size.
-    split="val" gives the matching validation mixture (held-out conversations; mid adds MMLU and GSM8K test).
+    mid = conversations + MMLU auxiliary_train + GSM8K train (+ identity x2) + SimpleSpelling + SpellingBee;
+    sft = ARC-Easy train + ARC-Challenge train + GSM8K train + conversations[:10K] (+ identity) + SimpleSpelling +
+    SpellingBee (spelling sizes: see spelling_sizes). `limit` caps the total, taking from each source in
+    proportion to its size. split="val" gives the matching validation mixture (held-out conversations; mid adds
+    MMLU and GSM8K test).
     """
-    return interleave(mixture_sources(name, split), seed=seed, limit=limit)
+    return interleave(mixture_sources(name, split, identity), seed=seed, limit=limit)

@@ -287,3 +287,20 @@ def test_sft_takes_the_first_10k_conversations_like_upstream(shared_data, monkey
     conversations, simple, bee = sources[3], sources[-2], sources[-1]
     assert conversations == many[:10_000] and (len(simple), len(bee)) == (300, 300)
     assert len(tasks.mixture_sources("mid")[0]) == 30_000  # midtraining takes every conversation
+
+
+def test_identity_conversations_join_mid_twice_and_sft_once(shared_data, tmp_path):
+    """Upstream's CustomJSON format (each row the messages list itself) and {"messages": ...} rows both load."""
+    identity = tmp_path / "identity.jsonl"
+    rows = [[{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am nanochat."}],
+            {"messages": [{"role": "user", "content": "Who made you?"}, {"role": "assistant", "content": "People."}]},
+            [{"role": "assistant", "content": "not a conversation"}]]
+    identity.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    expected = [{"messages": rows[0]}, rows[1]]
+    mid = tasks.mixture_sources("mid", identity=str(identity))
+    sft = tasks.mixture_sources("sft", identity=str(identity))
+    assert [s for s in mid if s == expected] == [expected, expected] and [s for s in sft if s == expected] == [expected]
+    assert len(mid) == len(tasks.mixture_sources("mid")) + 2 and len(sft) == len(tasks.mixture_sources("sft")) + 1
+    assert tasks.mixture_sources("mid", split="val", identity=str(identity)) == tasks.mixture_sources("mid", "val")
+    with pytest.raises(DataError, match="missing.jsonl"):
+        tasks.mixture_sources("sft", identity=str(tmp_path / "missing.jsonl"))

@@ -43,6 +43,8 @@ HF_SOURCES: dict[str, str] = {
 }
 # Conversation data for SFT / midtraining: the mirror's sft/*.jsonl, or SmolTalk.
 HF_SFT_SOURCES = [f"{HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-00000-of-00001.parquet"]
+# upstream's identity conversations (who the model is), ~1K rows; not on Hugging Face
+IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 
 
 class DataError(RuntimeError):

@@ -64,6 +64,7 @@ class MidTrainConfig:
     eval_steps: int = 20  # validation batches per rank (20 x 32 x 2048 x 8 ranks = upstream's 20 * 524288 tokens)
     save_every: int = -1  # <= 0: only at the end
     max_examples: int = -1  # > 0: use only this many conversations of the mixture (quick runs)
+    identity_conversations: str = ""  # conversations file (path or URL) saying who the model is; "" = none
     seed: int = 42
     device_type: str = ""
     keep_checkpoints: int = 2
@@ -137,7 +138,7 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
     B, T = config.device_batch_size, config.max_seq_len
     grad_accum = grad_accum_steps(config.total_batch_size, B, T, d.world_size)
     limit = config.max_examples if config.max_examples > 0 else None
-    conversations = tasks.mixture("mid", seed=config.seed, limit=limit)
+    conversations = tasks.mixture("mid", seed=config.seed, limit=limit, identity=config.identity_conversations)
     train_tokens = render_stream(tokenizer, conversations[d.rank::d.world_size])
     if len(train_tokens) == 0:
         raise ConfigError(f"rank {d.rank} got no midtraining conversations ({len(conversations)} in the mixture)")

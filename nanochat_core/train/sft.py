@@ -49,6 +49,7 @@ class SFTConfig:
     device_batch_size: int = 4  # conversations per forward pass per rank
     examples_per_step: int = 32  # conversations per optimizer step, all ranks
     max_examples: int = -1  # > 0: use only this many conversations of the mixture (quick runs)
+    identity_conversations: str = ""  # conversations file (path or URL) saying who the model is; "" = none
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     matrix_lr: float = 0.02
@@ -133,7 +134,7 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
     T = min(config.max_seq_len, model.config.sequence_len)
     B, grad_accum = config.device_batch_size, config.grad_accum(d.world_size)
     limit = config.max_examples if config.max_examples > 0 else None
-    conversations = tasks.mixture("sft", seed=config.seed, limit=limit)
+    conversations = tasks.mixture("sft", seed=config.seed, limit=limit, identity=config.identity_conversations)
     train_rows = render(tokenizer, conversations[d.rank::d.world_size], T + 1)
     val_conversations = tasks.mixture("sft", seed=config.seed, split="val")[d.rank::d.world_size]
     val_rows = render(tokenizer, val_conversations[: config.eval_steps * B], T + 1)
