@@ -371,7 +371,7 @@ def find_artifact(store: str, stage: str, key: str, deep: bool = False) -> Artif
 # whose current ETag it has not seen with the manifest's sha256. Backends without ETags are always hashed.
 
 
-def _remote_listing(fs, uri: str) -> dict[str, dict[str, Any]]:
+def remote_listing(fs, uri: str) -> dict[str, dict[str, Any]]:
     """{path relative to uri: object info (size, ETag)} for every object under an artifact."""
     prefix = fs._strip_protocol(uri).rstrip("/") + "/"
     return {name[len(prefix):]: info for name, info in fs.find(uri, detail=True).items() if name.startswith(prefix)}
@@ -426,7 +426,7 @@ def _s3_etag(path: Path) -> str:
 def _verify_remote_files(uri: str, files: dict[str, dict[str, Any]], deep: bool) -> None:
     fs = filesystem(uri)
     with store_errors(uri, "listing the artifact"):
-        stored = _remote_listing(fs, uri)
+        stored = remote_listing(fs, uri)
     memo, hashed = (_read_memo(uri) if deep else {}), {}
     for rel, info in files.items():
         obj = stored.get(rel)
@@ -477,7 +477,7 @@ def _remove(fs, path: str) -> None:
 def _check_upload(fs, uri: str, root: Path, files: dict[str, dict[str, Any]]) -> None:
     """Every file landed with its size. Files whose ETag matches the local bytes go into the memo, so the deep
     checks after publishing download nothing."""
-    stored, hashed = _remote_listing(fs, uri), {}
+    stored, hashed = remote_listing(fs, uri), {}
     for rel, info in files.items():
         size = stored.get(rel, {}).get("size")
         if size != info["size"]:

@@ -32,7 +32,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from nanochat_core.artifacts import INPUTS, ArtifactError, default_cache_root, filesystem, join_uri, store_errors
+from nanochat_core.artifacts import (
+    INPUTS,
+    ArtifactError,
+    default_cache_root,
+    filesystem,
+    join_uri,
+    remote_listing,
+    store_errors,
+)
 from nanochat_core.checkpoint import (
     CHECKPOINTS,
     COMPLETE,
@@ -72,10 +80,11 @@ def upload_checkpoint(local: Path, uri: str) -> None:
         except FileNotFoundError:
             pass
         fs.put([str(local / n) for n in names], [join_uri(dest, n) for n in names], batch_size=8)
+        stored = remote_listing(fs, dest)
         for n in names:
-            stored, size = fs.size(join_uri(dest, n)), (local / n).stat().st_size
-            if stored != size:
-                raise ArtifactError(f"checkpoint file {local.name}/{n} did not land whole ({stored} of {size} bytes)")
+            landed, size = stored.get(n, {}).get("size"), (local / n).stat().st_size
+            if landed != size:
+                raise ArtifactError(f"checkpoint file {local.name}/{n} did not land whole ({landed} of {size} bytes)")
         fs.put_file(str(local / COMPLETE), join_uri(dest, COMPLETE))
 
 

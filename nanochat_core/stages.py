@@ -260,7 +260,7 @@ def find_models(store: str) -> list[str]:
 
 
 def _find_remote_models(store: str) -> list[str]:
-    """find_models of an s3:// (or other remote) store, from two listings per training stage."""
+    """find_models of an s3:// (or other remote) store, from one listing per training stage."""
     from nanochat_core.checkpoint import CHECKPOINTS, COMPLETE, STEP_DIR_RE
 
     fs = artifacts.filesystem(store)
@@ -268,19 +268,17 @@ def _find_remote_models(store: str) -> list[str]:
     for stage in MODEL_STAGES:
         stage_uri = artifacts.join_uri(store, stage)
         with artifacts.store_errors(store, f"listing the {stage} models"):
-            markers = fs.glob(artifacts.join_uri(stage_uri, "*", CHECKPOINTS, "step_*", COMPLETE))
-            finished = {m.rsplit("/", 2)[-2] for m in fs.glob(artifacts.join_uri(stage_uri, "*", artifacts.MANIFEST))}
-            weights = {m.rsplit("/", 2)[-2] for m in fs.glob(artifacts.join_uri(stage_uri, "*", "model.pt"))}
+            objects = [rel.split("/") for rel in artifacts.remote_listing(fs, stage_uri)]
+        files = {tuple(parts) for parts in objects}
         steps: dict[str, list[tuple[int, str]]] = {}
-        for marker in markers:
-            key, _, name, _ = marker.rsplit("/", 4)[-4:]
-            m = STEP_DIR_RE.match(name)
-            if m:
-                steps.setdefault(key, []).append((int(m.group(1)), name))
-        for key in sorted(set(steps) | (finished & weights)):
+        for parts in objects:
+            if len(parts) == 4 and parts[1] == CHECKPOINTS and parts[3] == COMPLETE and STEP_DIR_RE.match(parts[2]):
+                steps.setdefault(parts[0], []).append((int(STEP_DIR_RE.match(parts[2]).group(1)), parts[2]))
+        finished = {k for k, *rest in objects if rest == [artifacts.MANIFEST] and (k, "model.pt") in files}
+        for key in sorted(set(steps) | finished):
             key_uri = artifacts.join_uri(stage_uri, key)
             found += [artifacts.join_uri(key_uri, CHECKPOINTS, name) for _, name in sorted(steps.get(key, []))]
-            if key in finished and key in weights:
+            if key in finished:
                 found.append(key_uri)
     return found
 
@@ -289,16 +287,17 @@ def is_checkpoint(model: str | Path) -> bool:
     """A training checkpoint (<stage dir>/checkpoints/step_N), as opposed to a stage's finished model."""
     from nanochat_core.checkpoint import CHECKPOINTS
 
-    return str(model).rstrip("/").rsplit("/", 2)[-2] == CHECKPOINTS
+    parts = str(model).rstrip("/").split("/")
+    return len(parts) >= 2 and parts[-2] == CHECKPOINTS
 
 
 def model_exists(model: str | Path) -> bool:
     """Whether a model (local or remote; a finished model or a checkpoint) is in its store now."""
     from nanochat_core.checkpoint import COMPLETE
 
-    marker = COMPLETE if is_checkpoint(model) else artifacts.MANIFEST
     if not artifacts.is_remote(str(model)):
         return Path(artifacts.local_path(str(model))).is_dir()
+    marker = COMPLETE if is_checkpoint(model) else artifacts.MANIFEST
     return artifacts.read_artifact_file(str(model), marker) is not None
 
 
