@@ -35,6 +35,7 @@ from pathlib import Path
 from nanochat_core.artifacts import (
     INPUTS,
     ArtifactError,
+    StoreError,
     default_cache_root,
     filesystem,
     join_uri,
@@ -94,12 +95,14 @@ def prune_remote(uri: str, keep: set[str], newest: int) -> None:
     with store_errors(uri, "removing old checkpoints"):
         for step, name in remote_checkpoints(uri):
             if step < newest and name not in keep:
+                fs.rm_file(join_uri(uri, CHECKPOINTS, name, COMPLETE))  # incomplete first, as a save is
                 fs.rm(join_uri(uri, CHECKPOINTS, name), recursive=True)
 
 
 def fetch_newest(uri: str, work_dir: Path, warn: Callable[[str], None] = print) -> Path | None:
     """Download the store's newest intact checkpoint into work_dir/checkpoints when it is newer than every
-    local one; its local path, or None when there is nothing newer (or only damaged checkpoints)."""
+    local one; its local path, or None when there is nothing newer (or only damaged checkpoints). A store
+    that cannot be read is a StoreError: training from scratch because of an outage would waste the run."""
     local = latest_checkpoint(work_dir)
     local_step = -1 if local is None else int(STEP_DIR_RE.match(local.name).group(1))
     for step, name in reversed(remote_checkpoints(uri)):
@@ -107,6 +110,8 @@ def fetch_newest(uri: str, work_dir: Path, warn: Callable[[str], None] = print) 
             return None
         try:
             return download_checkpoint(uri, name, Path(work_dir) / CHECKPOINTS)
+        except StoreError:
+            raise
         except (ArtifactError, CheckpointError) as e:
             warn(f"checkpoint {name} in {uri} is not usable, trying an older one: {e}")
     return None
@@ -116,7 +121,10 @@ def download_checkpoint(uri: str, name: str, dest_root: Path) -> Path:
     """Fetch one checkpoint into dest_root/name: the files COMPLETE lists, each checked, then moved into place."""
     fs, src = filesystem(uri), join_uri(uri, CHECKPOINTS, name)
     with store_errors(uri, f"reading checkpoint {name}"):
-        marker = fs.cat_file(join_uri(src, COMPLETE))
+        try:
+            marker = fs.cat_file(join_uri(src, COMPLETE))
+        except FileNotFoundError as e:  # pruned since it was listed
+            raise CheckpointError(f"checkpoint {name} is gone from the store") from e
     try:
         names = sorted(json.loads(marker)["sha256"])
     except (ValueError, KeyError, TypeError) as e:

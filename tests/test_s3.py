@@ -236,6 +236,13 @@ def test_checkpoints_mirror_into_the_store_and_come_back_on_a_fresh_machine(moto
     assert len(warnings) == 1 and "step_000015" in warnings[0] and "model.pt" in warnings[0]
     assert not any(p.name.startswith("step_000015") for p in (tmp_path / "machine3" / "checkpoints").iterdir())
 
+    set_moto_auth(moto["url"], on=True)  # an outage is not damage: no silent restart from scratch
+    try:
+        with pytest.raises(StoreError, match=uri):
+            remote_checkpoints.fetch_newest(uri, tmp_path / "machine4")
+    finally:
+        set_moto_auth(moto["url"], on=False)
+
     fs.rm_file(f"{uri}/checkpoints/step_000015/{COMPLETE}")  # an upload cut off before its marker
     assert remote_checkpoints.remote_checkpoints(uri) == [(10, "step_000010")]
 
