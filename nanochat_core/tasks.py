@@ -200,10 +200,9 @@ def extract_code(completion: str) -> str:
 
 def humaneval_program(item: dict, completion: str) -> str:
     """The program that passes iff the completion is right: prompt imports + code + tests + check(entry_point).
-    A completion that never defines the entry point is taken as the function body and appended to the stub."""
+    As upstream grades it: the completion must define the function itself (a bare body fails), so the score
+    compares with nanochat's published HumanEval figures."""
     code = extract_code(completion)
-    if f"def {item['entry_point']}" not in code:
-        code = item["prompt"] + code
     return "\n\n".join([extract_imports(item["prompt"]), code, item["test"], f"check({item['entry_point']})\n"])
 
 

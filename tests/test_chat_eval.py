@@ -262,7 +262,7 @@ def test_humaneval_canonical_solution_passes_and_wrong_one_fails(humaneval_items
     item = humaneval_items[task_id]
     fenced = f"Sure:\n```python\n{item['prompt']}{item['answer']}```\nDone."
     assert chat_eval.humaneval_is_correct(item, fenced)
-    assert chat_eval.humaneval_is_correct(item, item["answer"])  # a bare function body continues the stub
+    assert not chat_eval.humaneval_is_correct(item, item["answer"])  # a bare body does not count (as upstream)
     assert not chat_eval.humaneval_is_correct(item, f"```python\n{item['prompt']}    return None\n```")
     other = humaneval_items["HumanEval/1"]
     assert not chat_eval.humaneval_is_correct(item, other["prompt"] + other["answer"])  # never defines entry point
