@@ -11,7 +11,9 @@ attention mask per row (GPT.forward takes one position for the whole batch); tes
 GPT.forward. Active rows always fill slots 0..B-1 (a leaving row's slot gets the last row's cache), so a
 step reads contiguous views. Each row draws from its own seeded random.Random (sample_rows): a reply
 depends on its request only, never on what else is in the batch. A Router sends each request to the least
-busy replica (one per GPU; on a CPU the replicas share the weights).
+busy replica (one per GPU; on a CPU the replicas share the weights). On CUDA each decode step is replayed
+from a CUDA graph (GraphDecoder: padded batch sizes, attention over the whole cache under a mask), since a
+small model's step is otherwise bound by launching its kernels from Python.
 """
 
 from __future__ import annotations
@@ -113,6 +115,74 @@ def decode(model, cache: SlotCache, last: list[int], positions: list[int]) -> to
     return _run_blocks(model, ids, model.cos[0, pos][:, None], model.sin[0, pos][:, None], attend)
 
 
+def decode_padded(model, cache: SlotCache, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """decode() with static shapes, for CUDA graphs: ids and pos (Bb,) on the device, rows past the real ones
+    padding (free slots, position 0, overwritten by their next prefill), and every row attending over the whole
+    cache under a mask. Same logits as decode() for the real rows; (Bb, V)."""
+    Bb, S = ids.size(0), cache.shape[3]
+    rows = torch.arange(Bb, device=ids.device)
+    visible = (torch.arange(S, device=ids.device)[None, :] <= pos[:, None])[:, None, None, :]  # (Bb, 1, 1, S)
+
+    def attend(layer, q, k, v, gqa):
+        keys, values = cache.k[layer], cache.v[layer]
+        keys[rows, :, pos] = k[:, :, 0].to(keys.dtype)
+        values[rows, :, pos] = v[:, :, 0].to(values.dtype)
+        return attention(q, keys[:Bb], values[:Bb], attn_mask=visible, enable_gqa=gqa)
+
+    return _run_blocks(model, ids[:, None], model.cos[0, pos][:, None], model.sin[0, pos][:, None], attend)
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """The padded batch sizes a decode graph is captured for: powers of two below max_batch, and max_batch."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return sizes + [max_batch]
+
+
+class GraphDecoder:
+    """decode() replayed from CUDA graphs, one per padded batch size (captured at its first use, in a few ms).
+
+    Why: a decode step is hundreds of small kernels; launched one by one from Python the GPU waits on the CPU
+    (d12 on an H100: 1.5 ms of GPU work in a 17.5 ms step, bench/decode.py). A graph launches them all at once.
+    The graph runs its own bf16 autocast without the weight-cast cache: a cached cast made during capture
+    would be freed when the caller's autocast ends, under the graph's feet."""
+
+    def __init__(self, model, cache: SlotCache, max_batch: int):
+        self.model, self.cache = model, cache
+        self.device = next(model.parameters()).device
+        self.sizes = graph_batch_sizes(max_batch)
+        self.ids = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, last: list[int], positions: list[int]) -> torch.Tensor:
+        B = len(last)
+        Bb = next(size for size in self.sizes if size >= B)
+        pad = [0] * (Bb - B)
+        self.ids[:Bb].copy_(torch.tensor(last + pad))
+        self.pos[:Bb].copy_(torch.tensor(positions + pad))
+        if Bb not in self.graphs:
+            self.graphs[Bb] = self._capture(Bb)
+        graph, logits = self.graphs[Bb]
+        graph.replay()
+        return logits[:B]
+
+    def _forward(self, Bb: int) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return decode_padded(self.model, self.cache, self.ids[:Bb], self.pos[:Bb])
+
+    def _capture(self, Bb: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm up off the capture (library handles, workspaces)
+            for _ in range(2):
+                self._forward(Bb)  # rewrites the same cache entries the replay will write
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other replicas' threads run on
+            logits = self._forward(Bb)
+        return graph, logits
+
+
 def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int | None],
                 top_p: list[float | None], uniform: list[float]) -> list[int]:
     """One token per row of (B, V) logits, each row with its own settings, in a few batched ops.
@@ -179,12 +249,13 @@ class Replica:
     """A model on one device, its slot cache and the thread that decodes its rows. `lock` is held for each
     step (hold it to pause the replica); `cond` guards the queue and the counters and wakes the thread."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 32):
+    def __init__(self, model, tokenizer, max_batch: int = 32, cuda_graphs: bool = True):
         self.model, self.engine, self.max_batch = model, Engine(model, tokenizer), max_batch
         self.device = next(model.parameters()).device
         self.vocab = tokenizer.get_vocab_size()  # ids past the tokenizer's (a padded lm_head) are never sampled
         self.stops = {self.engine.assistant_end, self.engine.bos}
         self.cache = SlotCache(model.config, max_batch)
+        self.graphs = GraphDecoder(model, self.cache, max_batch) if cuda_graphs and self.device.type == "cuda" else None
         self.pending: deque[Job] = deque()
         self.rows: list[Row] = []
         self.lock, self.cond = threading.Lock(), threading.Condition()
@@ -278,7 +349,8 @@ class Replica:
             self._admit(job)
         if self.rows:
             rows = self.rows
-            logits = decode(self.model, self.cache, [r.last for r in rows], [r.pos for r in rows])
+            step = self.graphs or (lambda last, positions: decode(self.model, self.cache, last, positions))
+            logits = step([r.last for r in rows], [r.pos for r in rows])
             for row in rows:
                 row.pos += 1
             self._advance(rows, self._sample(logits, rows), decode_step=True)
@@ -369,7 +441,7 @@ class Router:
             replica.close()
 
 
-def build_router(model, tokenizer, num_replicas: int = 0, max_batch: int = 32) -> Router:
+def build_router(model, tokenizer, num_replicas: int = 0, max_batch: int = 32, cuda_graphs: bool = True) -> Router:
     """Replicas of `model` (copied to each other GPU; shared on one device) behind a Router."""
     device = next(model.parameters()).device
     if device.type == "cuda" and device.index is None:
@@ -379,5 +451,5 @@ def build_router(model, tokenizer, num_replicas: int = 0, max_batch: int = 32) -
     for d in replica_devices(device, num_replicas):
         if d not in models:
             models[d] = copy.deepcopy(model).to(d)
-        replicas.append(Replica(models[d], tokenizer, max_batch))
+        replicas.append(Replica(models[d], tokenizer, max_batch, cuda_graphs))
     return Router(replicas)

@@ -66,6 +66,7 @@ class ServeConfig:
     api_key: str = ""  # "" = no authentication
     num_replicas: int = 0  # model replicas; 0 = one per GPU on CUDA, 1 elsewhere
     max_batch: int = 32  # rows one replica decodes together; more wait in its queue
+    cuda_graphs: bool = True  # on CUDA, replay each decode step from a CUDA graph (batching.GraphDecoder)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -297,7 +298,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     config.validate()
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"tokenizer vocab {tokenizer.get_vocab_size()} exceeds the model's {model.config.vocab_size}")
-    router = build_router(model, tokenizer, config.num_replicas, config.max_batch)
+    router = build_router(model, tokenizer, config.num_replicas, config.max_batch, config.cuda_graphs)
     seq_len = model.config.sequence_len
     model_id = f"nanochat-d{model.config.n_layer}"
     devices = ", ".join(dict.fromkeys(str(r.device) for r in router.replicas))

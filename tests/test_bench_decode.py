@@ -31,3 +31,5 @@ def test_decode_bench_names_a_bad_argument():
     assert result.returncode == 2 and "--batches must be comma-separated integers" in result.stderr
     result = run_bench("--seq-len", "32", "--prompt-tokens", "30")
     assert result.returncode == 2 and "must fit in --seq-len" in result.stderr
+    result = run_bench("--graphs")
+    assert result.returncode == 2 and "--graphs needs a CUDA device" in result.stderr

@@ -13,7 +13,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanochat_core.batching import Job, Replica, SlotCache, decode, prefill, sample_rows
+from nanochat_core.batching import (
+    Job,
+    Replica,
+    SlotCache,
+    decode,
+    decode_padded,
+    graph_batch_sizes,
+    prefill,
+    sample_rows,
+)
 from nanochat_core.calculator import calculate
 from nanochat_core.engine import Engine, IncrementalDecoder, KVCache, RowState, sample_next_token
 from nanochat_core.gpt import GPT, GPTConfig
@@ -327,6 +336,31 @@ def test_batched_decode_matches_gpt_forward(tokenizer):
                 expected = model(torch.tensor([seq[:pos[row] + 1]]))[0, -1]
                 torch.testing.assert_close(logits[row], expected, rtol=0, atol=1e-5)
                 seq.append(int(expected.argmax()))
+
+
+def test_padded_decode_for_cuda_graphs_matches_decode(tokenizer):
+    """decode_padded (static shapes: padding rows, attention over the whole cache under a mask) gives the real
+    rows decode()'s logits and leaves their cache entries as decode() does (the graph path runs it on CUDA)."""
+    model = random_gpt(tokenizer.get_vocab_size(), seed=5, n_kv_head=1)
+    seqs = [prompt_ids(tokenizer, text) for text in ("Once upon a time there was", "Hi", "The capital of France")]
+    caches = [SlotCache(model.config, slots=4) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            for slot, seq in enumerate(seqs):
+                prefill(model, cache, slot, seq[:-1])
+        for _ in range(3):
+            pos = [len(seq) - 1 for seq in seqs]
+            last = [seq[p] for seq, p in zip(seqs, pos, strict=True)]
+            expected = decode(model, caches[0], last, pos)
+            padded = decode_padded(model, caches[1], torch.tensor(last + [0]), torch.tensor(pos + [0]))
+            assert padded.shape == (4, expected.size(1))
+            torch.testing.assert_close(padded[:3], expected, rtol=0, atol=1e-5)
+            for seq, row in zip(seqs, expected, strict=True):
+                seq.append(int(row.argmax()))
+        S = max(len(seq) for seq in seqs)
+        torch.testing.assert_close(caches[1].k[:, :3, :, :S], caches[0].k[:, :3, :, :S], rtol=0, atol=1e-5)
+    assert graph_batch_sizes(32) == [1, 2, 4, 8, 16, 32] and graph_batch_sizes(12) == [1, 2, 4, 8, 12]
+    assert graph_batch_sizes(1) == [1]
 
 
 def test_replica_rows_are_the_same_alone_or_batched(tokenizer):
