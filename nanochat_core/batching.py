@@ -99,35 +99,29 @@ def prefill(model, cache: SlotCache, slot: int, tokens: list[int]) -> torch.Tens
 def decode(model, cache: SlotCache, last: list[int], positions: list[int]) -> torch.Tensor:
     """One token for each of rows 0..B-1: row i feeds last[i] at position positions[i]; (B, V) logits."""
     device = model.cos.device
-    B, Tk = len(last), max(positions) + 1
-    ids = torch.tensor(last, dtype=torch.long, device=device)[:, None]
-    pos = torch.tensor(positions, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)
-    visible = (torch.arange(Tk, device=device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
-
-    def attend(layer, q, k, v, gqa):
-        keys, values = cache.k[layer], cache.v[layer]
-        keys[rows, :, pos] = k[:, :, 0].to(keys.dtype)
-        values[rows, :, pos] = v[:, :, 0].to(values.dtype)
-        return attention(q, keys[:B, :, :Tk], values[:B, :, :Tk], attn_mask=visible,
-                         enable_gqa=gqa)
-
-    return _run_blocks(model, ids, model.cos[0, pos][:, None], model.sin[0, pos][:, None], attend)
+    ids, pos = torch.tensor(last, dtype=torch.long, device=device), torch.tensor(positions, device=device)
+    return _decode_rows(model, cache, ids, pos, max(positions) + 1)
 
 
 def decode_padded(model, cache: SlotCache, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """decode() with static shapes, for CUDA graphs: ids and pos (Bb,) on the device, rows past the real ones
     padding (free slots, position 0, overwritten by their next prefill), and every row attending over the whole
     cache under a mask. Same logits as decode() for the real rows; (Bb, V)."""
-    Bb, S = ids.size(0), cache.shape[3]
-    rows = torch.arange(Bb, device=ids.device)
-    visible = (torch.arange(S, device=ids.device)[None, :] <= pos[:, None])[:, None, None, :]  # (Bb, 1, 1, S)
+    return _decode_rows(model, cache, ids, pos, cache.shape[3])
+
+
+def _decode_rows(model, cache: SlotCache, ids: torch.Tensor, pos: torch.Tensor, Tk: int) -> torch.Tensor:
+    """Rows 0..B-1 each feed ids[i] at position pos[i], attending over the first Tk cache positions (masked
+    past their own); (B, V) logits."""
+    B = ids.size(0)
+    rows = torch.arange(B, device=ids.device)
+    visible = (torch.arange(Tk, device=ids.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
 
     def attend(layer, q, k, v, gqa):
         keys, values = cache.k[layer], cache.v[layer]
         keys[rows, :, pos] = k[:, :, 0].to(keys.dtype)
         values[rows, :, pos] = v[:, :, 0].to(values.dtype)
-        return attention(q, keys[:Bb], values[:Bb], attn_mask=visible, enable_gqa=gqa)
+        return attention(q, keys[:B, :, :Tk], values[:B, :, :Tk], attn_mask=visible, enable_gqa=gqa)
 
     return _run_blocks(model, ids[:, None], model.cos[0, pos][:, None], model.sin[0, pos][:, None], attend)
 
@@ -142,7 +136,8 @@ class GraphDecoder:
     """decode() replayed from CUDA graphs, one per padded batch size (captured at its first use, in a few ms).
 
     Why: a decode step is hundreds of small kernels; launched one by one from Python the GPU waits on the CPU
-    (d12 on an H100: 1.5 ms of GPU work in a 17.5 ms step, bench/decode.py). A graph launches them all at once.
+    (d12 on an H100: 1.5 ms of GPU work in a 13-17 ms step). A graph launches them all at once: 2.5-3.4 ms a
+    step at batch 1-32, logits bit-identical (bench/decode.py --graphs).
     The graph runs its own bf16 autocast without the weight-cast cache: a cached cast made during capture
     would be freed when the caller's autocast ends, under the graph's feet."""
 
@@ -178,7 +173,7 @@ class GraphDecoder:
                 self._forward(Bb)  # rewrites the same cache entries the replay will write
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other replicas' threads run on
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other replicas' threads may use CUDA
             logits = self._forward(Bb)
         return graph, logits
 
