@@ -70,3 +70,16 @@ def tokenizer(tiny_tokenizer_dir):
     from nanochat_core.tokenizer import Tokenizer
 
     return Tokenizer.load(tiny_tokenizer_dir)
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium, driven by Playwright (never `playwright install`)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless"])
+        yield browser
+        browser.close()

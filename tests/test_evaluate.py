@@ -8,10 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from test_deployments import stop, wait_for
 
 from nanochat_core import artifacts, stages
 
@@ -110,18 +110,6 @@ def run_logs(flow_run_id) -> str:
     return "\n".join(log.message for log in logs)
 
 
-def wait_for(predicate, timeout: float, what: str, proc=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"nanochat deploy exited with {proc.returncode} while waiting for {what}")
-        time.sleep(1.0)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def test_checkpoint_event_triggers_one_evaluation(prefect_api, store, tmp_path):
     from prefect.client.orchestration import get_client
 
@@ -170,9 +158,5 @@ def test_checkpoint_event_triggers_one_evaluation(prefect_api, store, tmp_path):
         wait_for(lambda: "evaluate: 0 new, 1 already evaluated" in run_logs(second[0].id), 30,
                  "the second run's log line")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc, signal.SIGINT, grace=30)
         log.close()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_deployments import stop
 from test_flows import free_port
 
 from nanochat_core import stages
@@ -40,11 +41,7 @@ def node1_worker(prefect_api, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--work-queue",
                              node_queue(1)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     yield tmp_path / "worker.log"
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop(proc, signal.SIGTERM, grace=30)
     log.close()
 
 

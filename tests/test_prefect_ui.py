@@ -15,6 +15,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
+from conftest import CHROMIUM
 from test_deployments import (
     POOL,
     PREFECT,
@@ -32,7 +33,6 @@ from test_flows import MICRO, free_port
 from flows.serve import health
 from nanochat_core import stages
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
 STAGE_FIELDS = {stage: fields for stage, fields in MICRO.items() if stage != "rl"}  # the rl stage does not run
 
@@ -51,16 +51,6 @@ def prefect_home(tmp_path_factory) -> Path:
 def prefect_api(prefect_home):
     with prefect_server(prefect_home) as api_url:
         yield api_url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless"])
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from uuid import UUID
 
 import pytest
 import torch
+from test_deployments import stop
 from test_flows import free_port
 
 from nanochat_core import artifacts
@@ -51,11 +52,7 @@ def runner(prefect_api, tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-c", RUNNER], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     yield log_path
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop(proc, signal.SIGINT, grace=30)
 
 
 def test_serve_run_holds_the_server_and_cancelling_it_stops_it(prefect_api, runner, chat_model, tmp_path):

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
+from conftest import CHROMIUM
 
 from nanochat_core.engine import Engine
 from nanochat_core.gpt import GPT, GPTConfig
 from nanochat_core.server import ServeConfig, create_app
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 MAX_TOKENS = 24
 
@@ -52,16 +52,6 @@ def url(app):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless"])
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
