@@ -34,13 +34,14 @@ from nanochat_core.train.common import (
     WandbLog,
     autocast_context,
     check_device_type,
+    config_optimizers,
     grad_accum_steps,
+    loop_state,
     lr_multiplier,
     maybe_compile,
     muon_momentum,
     new_model,
     optimizer_step,
-    remember_initial_lrs,
     report_step,
     seed_everything,
     training_main,
@@ -123,9 +124,7 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
                                   d.world_size)
     model_config = config_for_depth(config.depth, vocab_size, config.max_seq_len)
     model = new_model(model_config, d.device)
-    optimizers = model.setup_optimizers(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
-                                        matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
-    remember_initial_lrs(optimizers)
+    optimizers = config_optimizers(model, config)
     num_params = model.num_params()
     num_iterations = num_iterations_for(config, num_params)
     flops_per_token, peak = model.estimate_flops(), peak_flops(d.device)
@@ -137,7 +136,7 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
     cfg = config_to_dict(config)
     resumed = session.resume(cfg)
     start = resumed.step if resumed else 0
-    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_bpb": None, "loss_curve": []}
+    loop = loop_state(resumed, val_bpb=None)
     counts = (resumed.rank_state["token_counts"].to(d.device) if resumed
               else torch.zeros(vocab_size, dtype=torch.long, device=d.device))  # training targets seen, this rank
     loader = PretrainLoader(shards_dir, tokenizer, config.device_batch_size, config.max_seq_len, "train",

@@ -104,6 +104,15 @@ def remember_initial_lrs(optimizers: list[torch.optim.Optimizer], init_lr_frac: 
             group["initial_lr"] = group["lr"]
 
 
+def config_optimizers(model, config) -> list[torch.optim.Optimizer]:
+    """model.setup_optimizers with the stage config's learning rates and weight decay, each group's LR scaled by
+    the config's init_lr_frac (1 for a stage without one) and remembered as its `initial_lr`."""
+    optimizers = model.setup_optimizers(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
+                                        matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
+    remember_initial_lrs(optimizers, getattr(config, "init_lr_frac", 1.0))
+    return optimizers
+
+
 def setup_lrs(optimizers: list[torch.optim.Optimizer], lrm: float) -> None:
     for opt in optimizers:
         for group in opt.param_groups:
@@ -250,6 +259,12 @@ class Resumed:
     meta: dict
     loader_state: dict | None
     rank_state: dict = field(default_factory=dict)
+
+
+def loop_state(resumed: Resumed | None, **initial) -> dict:
+    """The training loop's own state: the resumed checkpoint's, or a fresh one (no training time yet, an empty
+    loss curve, and the stage's `initial` values)."""
+    return dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, **initial, "loss_curve": []}
 
 
 @dataclass

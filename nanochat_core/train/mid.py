@@ -34,13 +34,14 @@ from nanochat_core.train.common import (
     WandbLog,
     autocast_context,
     check_device_type,
+    config_optimizers,
     grad_accum_steps,
     load_upstream_model,
+    loop_state,
     maybe_compile,
     mid_lr_multiplier,
     muon_momentum,
     optimizer_step,
-    remember_initial_lrs,
     report_step,
     seed_everything,
     training_main,
@@ -146,9 +147,7 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
                       else one_pass_steps(len(train_tokens), (B * T + 1) * grad_accum, d))
     val_conversations = tasks.mixture("mid", seed=config.seed, split="val")[d.rank::d.world_size]
     val_tokens = render_stream(tokenizer, val_conversations, max_tokens=config.eval_steps * (B * T + 1))
-    optimizers = model.setup_optimizers(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
-                                        matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
-    remember_initial_lrs(optimizers, config.init_lr_frac)
+    optimizers = config_optimizers(model, config)
     print0(f"mid: {len(conversations):,} conversations, {len(train_tokens):,} tokens on rank {d.rank}, "
            f"{num_iterations} steps, grad_accum {grad_accum}, world {d.world_size}")
 
@@ -156,8 +155,7 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
     cfg = config_to_dict(config)
     resumed = session.resume(cfg)
     start = resumed.step if resumed else 0
-    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_loss": None, "val_bpb": None,
-                                                                            "loss_curve": []}
+    loop = loop_state(resumed, val_loss=None, val_bpb=None)
     loader = PackedStream(train_tokens, B, T, d.device, resumed.loader_state if resumed else None)
     fwd = maybe_compile(model, d.device, config.compile)
     autocast = autocast_context(d.device)

@@ -45,9 +45,10 @@ from nanochat_core.train.common import (
     WandbLog,
     autocast_context,
     check_device_type,
+    config_optimizers,
     load_upstream_model,
+    loop_state,
     optimizer_step,
-    remember_initial_lrs,
     report_step,
     seed_everything,
     sft_lr_multiplier,
@@ -220,9 +221,7 @@ def train(config: RLConfig, model_dir: str | Path, tokenizer_dir: str | Path, ou
         raise ConfigError(f"rank {d.rank} got no training questions ({len(questions)} for {d.world_size} ranks)")
     num_iterations = config.num_iterations if config.num_iterations > 0 else max(
         1, config.num_epochs * len(questions) // config.examples_per_step)
-    optimizers = model.setup_optimizers(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
-                                        matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
-    remember_initial_lrs(optimizers, config.init_lr_frac)
+    optimizers = config_optimizers(model, config)
     print0(f"rl: {len(questions):,} questions, {num_iterations} steps of {config.examples_per_step} questions x "
            f"{config.num_samples} samples, world {d.world_size}")
 
@@ -230,8 +229,7 @@ def train(config: RLConfig, model_dir: str | Path, tokenizer_dir: str | Path, ou
     cfg = config_to_dict(config)
     resumed = session.resume(cfg)
     start = resumed.step if resumed else 0
-    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "reward": None, "loss": None,
-                                                             "eval": None, "loss_curve": []}
+    loop = loop_state(resumed, reward=None, loss=None, eval=None)
     engine, autocast = Engine(model, tokenizer), autocast_context(d.device)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 

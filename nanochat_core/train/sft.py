@@ -32,9 +32,10 @@ from nanochat_core.train.common import (
     WandbLog,
     autocast_context,
     check_device_type,
+    config_optimizers,
     load_upstream_model,
+    loop_state,
     optimizer_step,
-    remember_initial_lrs,
     report_step,
     seed_everything,
     sft_lr_multiplier,
@@ -140,9 +141,7 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
     val_rows = render(tokenizer, val_conversations[: config.eval_steps * B], T + 1)
     num_iterations = config.num_iterations if config.num_iterations > 0 else max(
         1, len(conversations) // config.examples_per_step)
-    optimizers = model.setup_optimizers(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
-                                        matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
-    remember_initial_lrs(optimizers, config.init_lr_frac)
+    optimizers = config_optimizers(model, config)
     print0(f"sft: {len(conversations):,} conversations, {num_iterations} steps of {config.examples_per_step}, "
            f"grad_accum {grad_accum}, seq len {T}, world {d.world_size}")
 
@@ -150,8 +149,7 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
     cfg = config_to_dict(config)
     resumed = session.resume(cfg)
     start = resumed.step if resumed else 0
-    loop = dict(resumed.meta["loop_state"]) if resumed else {"train_seconds": 0.0, "val_loss": None, "val_bpb": None,
-                                                                            "loss_curve": []}
+    loop = loop_state(resumed, val_loss=None, val_bpb=None)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     batches = ConversationBatches(train_rows, B, pad_id, d.device, resumed.loader_state if resumed else None)
     autocast = autocast_context(d.device)
