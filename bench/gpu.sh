@@ -5,6 +5,12 @@
 #
 #   NANOCHAT_DATA=../shared/data bash bench/gpu.sh OUT [STEP ...]
 #
+# On a lent GPU machine with its own PyTorch (no internet), carry what it lacks: the pretraining shards (copy
+# ../shared/data/pretrain into an ignored folder and point NANOCHAT_DATA at it) and wheels for Python 3.12 of
+# fastapi, starlette, pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions,
+# opentelemetry-api, uvicorn, httptools, and this project's own (maturin build --release, abi3: rustbpe),
+# installed with `pip install --no-deps --target /tmp/site` and PYTHONPATH=$PWD:/tmp/site.
+#
 # Steps (default: all, in this order): serve train12 train12c train20 stage. train12 compares eager with
 # torch.compile at batch 16 (eager at batch 32 does not fit in 80 GB: its fp32 logits alone are 16 GiB a copy).
 set -u
