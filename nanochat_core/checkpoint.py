@@ -139,6 +139,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint directory name (step_NNNNNN), None for any other name."""
+    m = STEP_DIR_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     """Committed checkpoint directories, oldest step first (`.tmp-*` and unmarked dirs ignored)."""
     root = checkpoints_dir(out_dir)
@@ -146,9 +152,9 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
         return []
     found = []
     for p in root.iterdir():
-        m = STEP_DIR_RE.match(p.name)
-        if m and p.is_dir() and (p / COMPLETE).is_file():
-            found.append((int(m.group(1)), p))
+        step = step_of(p.name)
+        if step is not None and p.is_dir() and (p / COMPLETE).is_file():
+            found.append((step, p))
     return [p for _, p in sorted(found)]
 
 

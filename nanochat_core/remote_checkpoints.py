@@ -45,10 +45,10 @@ from nanochat_core.artifacts import (
 from nanochat_core.checkpoint import (
     CHECKPOINTS,
     COMPLETE,
-    STEP_DIR_RE,
     CheckpointError,
     complete_checkpoints,
     latest_checkpoint,
+    step_of,
     verify_checkpoint_files,
 )
 from nanochat_core.common import checkpoint_line, parse_structured_line
@@ -56,18 +56,22 @@ from nanochat_core.common import checkpoint_line, parse_structured_line
 
 def remote_checkpoints(uri: str) -> list[tuple[int, str]]:
     """(step, directory name) of each complete checkpoint in the store under artifact `uri`, oldest first."""
-    fs, root = filesystem(uri), join_uri(uri, CHECKPOINTS)
+    fs = filesystem(uri)
     with store_errors(uri, "listing its checkpoints"):
         try:
-            markers = fs.glob(join_uri(root, "step_*", COMPLETE))
+            return complete_in_listing(remote_listing(fs, join_uri(uri, CHECKPOINTS)))
         except FileNotFoundError:
             return []
+
+
+def complete_in_listing(paths) -> list[tuple[int, str]]:
+    """(step, name) of the checkpoints with a COMPLETE marker among paths relative to a checkpoints directory
+    (step_NNNNNN/COMPLETE, ...), oldest first."""
     found = []
-    for marker in markers:
-        name = marker.rstrip("/").split("/")[-2]
-        m = STEP_DIR_RE.match(name)
-        if m:
-            found.append((int(m.group(1)), name))
+    for path in paths:
+        name, _, rest = path.partition("/")
+        if rest == COMPLETE and (step := step_of(name)) is not None:
+            found.append((step, name))
     return sorted(found)
 
 
@@ -104,7 +108,7 @@ def fetch_newest(uri: str, work_dir: Path, warn: Callable[[str], None] = print) 
     local one; its local path, or None when there is nothing newer (or only damaged checkpoints). A store
     that cannot be read is a StoreError: training from scratch because of an outage would waste the run."""
     local = latest_checkpoint(work_dir)
-    local_step = -1 if local is None else int(STEP_DIR_RE.match(local.name).group(1))
+    local_step = -1 if local is None else step_of(local.name)
     for step, name in reversed(remote_checkpoints(uri)):
         if step <= local_step:
             return None
@@ -233,10 +237,10 @@ class CheckpointMirror:
         try:
             upload_checkpoint(checkpoint, self.uri)
             keep = {p.name for p in complete_checkpoints(self.work_dir)}
-            prune_remote(self.uri, keep, int(STEP_DIR_RE.match(checkpoint.name).group(1)))
+            prune_remote(self.uri, keep, step_of(checkpoint.name))
         except Exception as e:  # noqa: BLE001 - whatever broke, the stage goes on and the next checkpoint is tried
             self.say(f"warning: checkpoint {checkpoint.name} was not copied to the store {self.uri}: {e}")
             return
         self.uploaded.append(checkpoint.name)
-        step = announcement.get("step", int(STEP_DIR_RE.match(checkpoint.name).group(1)))
+        step = announcement.get("step", step_of(checkpoint.name))
         self.say(checkpoint_line(join_uri(self.uri, CHECKPOINTS, checkpoint.name), step, announcement.get("stage", "")))

@@ -261,7 +261,8 @@ def find_models(store: str) -> list[str]:
 
 def _find_remote_models(store: str) -> list[str]:
     """find_models of an s3:// (or other remote) store, from one listing per training stage."""
-    from nanochat_core.checkpoint import CHECKPOINTS, COMPLETE, STEP_DIR_RE
+    from nanochat_core.checkpoint import CHECKPOINTS
+    from nanochat_core.remote_checkpoints import complete_in_listing
 
     fs = artifacts.filesystem(store)
     found = []
@@ -270,14 +271,15 @@ def _find_remote_models(store: str) -> list[str]:
         with artifacts.store_errors(store, f"listing the {stage} models"):
             objects = [rel.split("/") for rel in artifacts.remote_listing(fs, stage_uri)]
         files = {tuple(parts) for parts in objects}
-        steps: dict[str, list[tuple[int, str]]] = {}
-        for parts in objects:
-            if len(parts) == 4 and parts[1] == CHECKPOINTS and parts[3] == COMPLETE and STEP_DIR_RE.match(parts[2]):
-                steps.setdefault(parts[0], []).append((int(STEP_DIR_RE.match(parts[2]).group(1)), parts[2]))
+        in_checkpoints: dict[str, list[str]] = {}  # stage key -> paths under its checkpoints/
+        for key, *rest in objects:
+            if rest[:1] == [CHECKPOINTS]:
+                in_checkpoints.setdefault(key, []).append("/".join(rest[1:]))
         finished = {k for k, *rest in objects if rest == [artifacts.MANIFEST] and (k, "model.pt") in files}
-        for key in sorted(set(steps) | finished):
+        for key in sorted(set(in_checkpoints) | finished):
             key_uri = artifacts.join_uri(stage_uri, key)
-            found += [artifacts.join_uri(key_uri, CHECKPOINTS, name) for _, name in sorted(steps.get(key, []))]
+            found += [artifacts.join_uri(key_uri, CHECKPOINTS, name)
+                      for _, name in complete_in_listing(in_checkpoints.get(key, []))]
             if key in finished:
                 found.append(key_uri)
     return found
