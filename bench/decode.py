@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat_core.batching import GraphDecoder, SlotCache, decode, prefill, sample_rows  # noqa: E402
+from nanochat_core.device import autocast_context  # noqa: E402
 from nanochat_core.gpt import GPT, config_for_depth  # noqa: E402
-from nanochat_core.train.common import autocast_context  # noqa: E402
+from nanochat_core.serve.batching import GraphDecoder, SlotCache, decode, prefill, sample_rows  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -33,13 +33,13 @@ run_step() {  # run_step NAME LIMIT_S CMD...: run, log, print the exit code, the
 }
 
 stage_on_cuda() {  # tokenizer, then a short real base-training stage on CUDA (bf16, compiled), then the chat CLI
-    $PY -m nanochat_core.tokenizer --shards "$NANOCHAT_DATA/pretrain" --out "$WORK/tok" \
+    $PY -m nanochat_core.tok_train --shards "$NANOCHAT_DATA/pretrain" --out "$WORK/tok" \
         --vocab-size 8192 --max-chars 20000000 || return
     torchrun --standalone --nproc_per_node=1 -m nanochat_core.train.base --shards "$NANOCHAT_DATA/pretrain" \
         --tokenizer "$WORK/tok" --out "$WORK/base" --depth 8 --max-seq-len 1024 --device-batch-size 32 \
         --total-batch-size 65536 --num-iterations 60 --eval-every 30 --eval-tokens 262144 --save-every 20 \
         --device-type cuda || return
-    $PY -m nanochat_core.chat_cli --model "$WORK/base" --tokenizer "$WORK/tok" -p "The capital of France is" \
+    $PY -m nanochat_core.serve.chat_cli --model "$WORK/base" --tokenizer "$WORK/tok" -p "The capital of France is" \
         -m 32 --seed 0 --device-type cuda
 }
 

@@ -4,7 +4,7 @@
     python bench/serve.py --model DIR --tokenizer DIR        # a real checkpoint
     python bench/serve.py --depth 8 --clients 1,4,8,16 --requests 3 --max-tokens 128 --repeats 3
 
-The server runs as its own process (`python -m nanochat_core.server` on 127.0.0.1, as in production), so
+The server runs as its own process (`python -m nanochat_core.serve` on 127.0.0.1, as in production), so
 the clients here do not share its GIL. For each level, that many clients each send --requests streaming
 requests to /v1/chat/completions back to back (temperature 1, a fixed max_tokens, usage in the stream).
 Per level it reports aggregate completion tokens/s (all clients' tokens / the level's wall time), tokens/s
@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from nanochat_core.checkpoint import save_final_model  # noqa: E402
 from nanochat_core.gpt import GPT, config_for_depth  # noqa: E402
+from nanochat_core.tok_train import train_bpe  # noqa: E402
 from nanochat_core.tokenizer import Tokenizer  # noqa: E402
 
 TOPICS = ["the sea", "a city at night", "how bread is made", "the history of maps", "a cat", "rain", "mountains",
@@ -59,7 +60,7 @@ def train_tokenizer(out: Path, vocab: int) -> Path:
         chars += len(text)
         if chars >= 1_000_000:
             break
-    Tokenizer.train_from_iterator(texts, vocab_size=vocab).save(out)
+    train_bpe(texts, vocab_size=vocab).save(out)
     return out
 
 
@@ -80,7 +81,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def server(model_dir: Path, tokenizer_dir: Path, args, log: Path):
     port = free_port()
-    cmd = [sys.executable, "-m", "nanochat_core.server", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir),
+    cmd = [sys.executable, "-m", "nanochat_core.serve", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir),
            "--port", str(port), "--max-batch", str(args.max_batch), "--num-replicas", str(args.num_replicas)]
     if args.device:
         cmd += ["--device-type", args.device]

@@ -38,7 +38,8 @@ TRAINERS = ["ours", "upstream", "hf"]
 
 
 def load_texts(corpus: Path, max_chars: int, doc_cap: int) -> list[str]:
-    from nanochat_core.tokenizer import find_shards, training_texts
+    from nanochat_core.data.sources import find_shards
+    from nanochat_core.tok_train import training_texts
 
     return list(training_texts(find_shards(corpus)[:-1], max_chars, doc_cap, {}))
 
@@ -247,7 +248,7 @@ def print_encoding(vocab: int, rows: list[dict]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from nanochat_core.tokenizer import TokenizerConfig
+    from nanochat_core.tok_train import TokenizerConfig
 
     data = Path(os.environ.get("NANOCHAT_DATA", REPO.parent / "shared" / "data"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,12 +32,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat_core.common import DistInfo, cleanup_distributed, init_distributed, print0  # noqa: E402
+from nanochat_core.common import DistInfo, cleanup_distributed, init_distributed  # noqa: E402
 from nanochat_core.dataloader import PretrainLoader  # noqa: E402
-from nanochat_core.device import mfu_percent, peak_flops  # noqa: E402
+from nanochat_core.device import (  # noqa: E402
+    autocast_context,  # noqa: E402
+    mfu_percent,
+    peak_flops,
+)
 from nanochat_core.gpt import config_for_depth  # noqa: E402
+from nanochat_core.progress import print0  # noqa: E402
 from nanochat_core.tokenizer import Tokenizer  # noqa: E402
-from nanochat_core.train.common import autocast_context, new_model, remember_initial_lrs, seed_everything  # noqa: E402
+from nanochat_core.train.common import new_model, remember_initial_lrs, seed_everything  # noqa: E402
 
 PHASES = ("data", "fwd_bwd", "optim", "comm")
 

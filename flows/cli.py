@@ -1,7 +1,7 @@
 """The `nanochat` command.
 
     nanochat speedrun --preset tiny [--store DIR|s3://...] [--data DIR|URL] [--port 8000] [--set sft.num_iterations=30]
-                      [--rl]
+                      [--rl] [--reuse STAGE ...] [--dry-run [--json]]
     nanochat evaluate [--checkpoint DIR] [--store DIR] [--tasks auto|CORE,ARC-Easy,...] [--max-per-task N]
     nanochat serve --checkpoint URI [--host 127.0.0.1] [--port 8000]
     nanochat chat --checkpoint URI [-p PROMPT]
@@ -19,42 +19,49 @@ import os
 import sys
 from pathlib import Path
 
-from nanochat_core.artifacts import ArtifactError
 from nanochat_core.config import ConfigError
 from nanochat_core.data.sources import DataError
+from nanochat_core.pipeline.artifacts import ArtifactError
 
 USER_ERRORS = (ConfigError, DataError, ArtifactError, FileNotFoundError)
 
 
 def quiet_prefect_defaults() -> None:
-    """No telemetry or analytics calls from an offline machine, unless the user asked for them."""
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false")
+    """Offline- and cold-start-safe Prefect defaults (no telemetry or analytics calls, a generous ephemeral
+    server start-up timeout), each unless the user set it: see flows/prefect_env.py."""
+    from flows.prefect_env import offline_defaults
+
+    offline_defaults()
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
-    from nanochat_core.presets import parse_override
+    from nanochat_core.pipeline.artifacts import check_store, join_uri
+    from nanochat_core.pipeline.launch import Nodes
+    from nanochat_core.pipeline.presets import parse_override, resolve_data, stage_configs
 
     overrides: dict[str, dict] = {}
     for text in args.set or []:
         stage, field, value = parse_override(text)
         overrides.setdefault(stage, {})[field] = value
-    quiet_prefect_defaults()
-    from flows.speedrun import resolve_data, speedrun, stage_configs
-    from nanochat_core.artifacts import check_store, join_uri
-    from nanochat_core.launch import Nodes
-
     # Check what the user typed before any server or process starts, so mistakes fail in a second.
+    configs = stage_configs(args.preset, overrides, resolve_data(args.data), rl=args.rl)
+    if args.json and not args.dry_run:
+        raise ConfigError("--json goes with --dry-run")
+    if args.dry_run:
+        return dry_run(configs, args)
     check_store(args.store)
-    stage_configs(args.preset, overrides, resolve_data(args.data), rl=args.rl)
     Nodes(args.nnodes, 0, args.master_addr, args.master_port).validate()
+    quiet_prefect_defaults()
+    from flows.speedrun import speedrun
+
     summary = speedrun(preset=args.preset, store=args.store, port=args.port, host=args.host, data=args.data,
                        overrides=overrides, nproc=args.nproc, serve=not args.no_serve, rl=args.rl,
-                       nnodes=args.nnodes, master_addr=args.master_addr, master_port=args.master_port)
+                       nnodes=args.nnodes, master_addr=args.master_addr, master_port=args.master_port,
+                       reuse=args.reuse or [])
     print("\nstage       cached  seconds  artifact")
     for name, info in summary["stages"].items():
-        print(f"{name:<11} {'yes' if info['cached'] else 'no':<7} {info['seconds']:>7.1f}  {info['uri']}")
+        cached = "reused" if info.get("reused") else "yes" if info["cached"] else "no"
+        print(f"{name:<11} {cached:<7} {info['seconds']:>7.1f}  {info['uri']}")
     print(f"\nreport card: {join_uri(args.store, 'runs', summary['run_id'], 'report.md')}")
     if summary["server"]:
         server = summary["server"]
@@ -63,10 +70,29 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     return 0
 
 
+def dry_run(configs: dict[str, dict], args: argparse.Namespace) -> int:
+    """Plan the run and say, per stage, `cached` or `runs` and why; executes nothing and needs no Prefect server."""
+    from nanochat_core.pipeline import artifacts, plan
+
+    store = args.store if artifacts.is_remote(args.store) else str(Path(args.store).expanduser().resolve())
+    decisions = plan.dry_run(configs, store, rl=args.rl, reuse=args.reuse or [])
+    if args.json:
+        print(json.dumps({"stages": {name: d.summary() for name, d in decisions.items()}}, indent=2))
+        return 0
+    for name, d in decisions.items():
+        state = "cached (reused)" if d.reused else "cached" if d.cached else "runs"
+        print(f"{name:<11} {state}")
+        for reason in d.reasons if not d.cached else []:
+            print(f"{'':<11}   - {reason}")
+    runs = [name for name, d in decisions.items() if not d.cached]
+    print(f"\n{len(runs)} of {len(decisions)} stages would run" + (f": {', '.join(runs)}" if runs else ""))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     quiet_prefect_defaults()
     from flows.evaluate import eval_config, evaluate
-    from nanochat_core.artifacts import check_store
+    from nanochat_core.pipeline.artifacts import check_store
 
     check_store(args.store)
     eval_config(args.tasks, args.max_per_task, args.device_type)
@@ -86,7 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     quiet_prefect_defaults()
     from flows.deploy import register, serve_deployments
-    from nanochat_core.artifacts import check_store
+    from nanochat_core.pipeline.artifacts import check_store
 
     check_store(args.store)
     if args.serve:
@@ -102,14 +128,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def _model_and_tokenizer(checkpoint: str) -> tuple[str, str]:
     from flows.serve import model_dirs
-    from nanochat_core.artifacts import verify_artifact
+    from nanochat_core.pipeline.artifacts import verify_artifact
 
     model_dir, tok_dir = model_dirs(verify_artifact(checkpoint, deep=True))
     return str(model_dir), str(tok_dir)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nanochat_core import server
+    from nanochat_core.serve import server
 
     model_dir, tok_dir = _model_and_tokenizer(args.checkpoint)
     server.main(["--model", model_dir, "--tokenizer", tok_dir, "--host", args.host, "--port", str(args.port)])
@@ -117,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from nanochat_core import chat_cli
+    from nanochat_core.serve import chat_cli
 
     model_dir, tok_dir = _model_and_tokenizer(args.checkpoint)
     argv = ["--model", model_dir, "--tokenizer", tok_dir]
@@ -145,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1, help="hosts for the training stages (workers on node-K queues)")
     p.add_argument("--master-addr", default="127.0.0.1", help="this host's address, reachable from the others")
     p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on this host")
+    p.add_argument("--reuse", action="append", metavar="STAGE",
+                   help="keep this stage's newest intact artifact even if its key changed (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say per stage whether it is cached or runs, and why; run nothing (no Prefect needed)")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
     p.set_defaults(func=cmd_speedrun)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint, or every model in the store without a result")

@@ -19,9 +19,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.tasks import run_stage
-from nanochat_core import artifacts, stages
 from nanochat_core.checkpoint import checkpoint_meta
 from nanochat_core.config import ConfigError, config_to_dict
+from nanochat_core.pipeline import artifacts, stages
 
 
 def eval_config(tasks: str, max_per_task: int, device_type: str) -> dict[str, Any]:
@@ -75,11 +75,12 @@ def evaluate(
         inputs = {"model": stages.model_ref(model_dir, local), "tokenizer": stages.model_tokenizer(model_dir)}
         meta = checkpoint_meta(local)
         name = f"eval-{meta.get('stage', 'model')}-{meta.get('step', 'final')}"
-        done = stages.find_done(stages.plan_stage("eval", stages.make_config("eval", config), inputs, store))
+        plan = stages.plan_stage("eval", config, inputs, store)  # config was validated once, above
+        done = stages.find_done(plan)
         if done is not None:
             ref = done
         else:
-            ref, _, seconds = run_stage("eval", config, inputs, store, nproc=nproc, name=name)
+            ref, _, seconds = run_stage("eval", config, inputs, store, nproc=nproc, name=name, plan=plan)
             logger.info(f"{name}: evaluated {model_dir} in {seconds:.1f}s")
         metrics = artifacts.read_manifest(ref.uri)["metrics"]
         entry = {"model": str(model_dir), "phase": meta.get("stage"), "step": meta.get("step"), "result": ref.uri,

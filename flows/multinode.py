@@ -19,9 +19,9 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 
-from flows.tasks import StageOutput, _plan, _refs
-from nanochat_core import stages
-from nanochat_core.launch import Nodes
+from flows.tasks import StageOutput, _refs
+from nanochat_core.pipeline import stages
+from nanochat_core.pipeline.launch import Nodes
 
 TRAIN_NODE_DEPLOYMENT = "train-node/train-node"
 
@@ -31,14 +31,15 @@ def node_queue(node_rank: int) -> str:
 
 
 @flow(name="train-node", log_prints=True)
-def train_node(stage: str, config: dict[str, Any], inputs: dict[str, dict[str, str]], store: str, nproc: int,
+def train_node(plan: dict[str, Any], inputs: dict[str, dict[str, str]], store: str, nproc: int,
                nnodes: int, node_rank: int, master_addr: str, master_port: int) -> None:
     """Node `node_rank` (> 0) of a multi-node stage: this host's torchrun; node 0 commits the artifact."""
     nodes = Nodes(nnodes, node_rank, master_addr, master_port)
     nodes.validate()
     if node_rank == 0:
         raise ValueError("node 0 is run by the stage task itself, not by train-node")
-    plan = _plan(stage, config, inputs, store)
+    plan = stages.StagePlan.from_dict(plan)
+    stage = plan.stage
     logger = get_run_logger()
     logger.info(f"{stage}: node {node_rank}/{nnodes} joining {master_addr}:{master_port}, {nproc} process(es)")
     stages.run_process(plan, _refs(inputs), nproc, on_line=StageOutput(stage, logger, label=f"{stage}-node{node_rank}"),

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from nanochat_core import stages
-from nanochat_core.presets import PRESETS
+from nanochat_core.pipeline import stages
+from nanochat_core.pipeline.presets import PRESETS
 
 Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  # the UI shows a select
 

@@ -25,9 +25,9 @@ from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 from prefect.states import Cancelling
 
-from nanochat_core import artifacts
-from nanochat_core.artifacts import ArtifactRef
-from nanochat_core.launch import python_command, run_streaming
+from nanochat_core.pipeline import artifacts, stages
+from nanochat_core.pipeline.artifacts import ArtifactError, ArtifactRef
+from nanochat_core.pipeline.launch import python_command, run_streaming
 
 
 class ServerError(RuntimeError):
@@ -55,17 +55,17 @@ def pid_alive(pid: int) -> bool:
 def model_dirs(model: ArtifactRef) -> tuple[Path, Path]:
     """Local (model dir, tokenizer dir) of a chat model artifact (its manifest names its tokenizer)."""
     model_dir = artifacts.materialize(model)
-    manifest = artifacts.read_manifest(model.uri)
-    tok_uri = manifest.get("inputs", {}).get("tokenizer")
-    tok_digest = manifest.get("upstream", {}).get("tokenizer")
-    if not tok_uri or not tok_digest:
-        raise ServerError(f"{model.uri} does not name its tokenizer in its manifest; is it a model artifact?")
-    return model_dir, artifacts.materialize(ArtifactRef(tok_uri, tok_digest))
+    try:
+        tokenizer = stages.model_tokenizer(model.uri)  # recorded relative to the store: found where the store is now
+    except ArtifactError as e:
+        raise ServerError(f"{model.uri} does not name its tokenizer in its manifest; is it a model artifact?") from e
+    artifacts.verify_artifact(tokenizer.uri, tokenizer.digest)
+    return model_dir, artifacts.materialize(tokenizer)
 
 
 def server_command(model: ArtifactRef, host: str, port: int) -> list[str]:
     model_dir, tok_dir = model_dirs(model)
-    return python_command("nanochat_core.server", ["--model", str(model_dir), "--tokenizer", str(tok_dir),
+    return python_command("nanochat_core.serve", ["--model", str(model_dir), "--tokenizer", str(tok_dir),
                                                    "--host", host, "--port", str(port)])
 
 

@@ -5,17 +5,18 @@ shards -> tokenizer -> base -> base_eval -> mid -> mid_eval -> sft -> sft_eval [
 tasks for mid/sft, GSM8K for rl)
 
 Each stage is a cached task (see flows/tasks.py), so running the flow again skips finished stages, a
-crashed training stage resumes from its newest checkpoint, and changing one stage's config re-runs
-that stage and the ones after it only. Every run writes `<store>/runs/<run id>/summary.json`
-({"stages": {node: {uri, digest, cached, seconds}}, "server": {url, pid}}), `report.md` and the loss-curve
-PNGs it shows; the report card, the summary table and the curves are also Prefect artifacts.
+crashed training stage resumes from its newest checkpoint, and changing one stage's config or code re-runs
+that stage and the ones after it only. Before a stage runs, the log says why (nanochat_core.pipeline.plan: the
+same reasons `nanochat speedrun --dry-run` gives). `reuse` pins stages to their newest intact artifact.
+Every run writes `<store>/runs/<run id>/summary.json` ({"stages": {node: {uri, digest, cached, reused, reasons,
+seconds}}, "reused": [...], "server": {url, pid}}), `report.md` and the loss-curve PNGs it shows; the report
+card, the summary table and the curves are also Prefect artifacts.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 import uuid
 from datetime import datetime, timezone
@@ -29,25 +30,10 @@ from prefect.logging import get_run_logger
 from flows.params import Preset, StageOverrides, overrides_dict
 from flows.serve import start_server_task
 from flows.tasks import run_stage
-from nanochat_core import artifacts, report, stages
-from nanochat_core.config import ConfigError, config_to_dict
-from nanochat_core.data.sources import DATA_ENV, data_root
-from nanochat_core.launch import Nodes
-from nanochat_core.presets import build_configs, preset_values
-
-
-def resolve_data(data: str | None) -> str:
-    """The data mirror for this run (explicit, else $NANOCHAT_DATA, else "" = Hugging Face), checked."""
-    if data:
-        os.environ[DATA_ENV] = data
-    return data_root() or ""  # raises DataError with the path when the directory is missing
-
-
-def stage_configs(preset: str, overrides: dict[str, dict[str, Any]] | None, data: str,
-                  rl: bool = False) -> dict[str, dict[str, Any]]:
-    values = preset_values(preset, overrides)
-    values.setdefault("shards", {}).setdefault("source", data)  # the source is part of the shards' identity
-    return {stage: config_to_dict(cfg) for stage, cfg in build_configs(preset, values, rl=rl).items()}
+from nanochat_core.config import ConfigError
+from nanochat_core.pipeline import artifacts, plan, report, stages
+from nanochat_core.pipeline.launch import Nodes
+from nanochat_core.pipeline.presets import resolve_data, stage_configs
 
 
 def write_run_file(run_dir: str, name: str, data: bytes) -> None:
@@ -72,13 +58,13 @@ def loss_curves(summary: dict[str, Any]) -> dict[str, bytes]:
 
 def report_input(run_id: str, started: str, summary: dict[str, Any], configs: dict[str, Any],
                  nodes: dict[str, stages.Node]) -> dict[str, Any]:
-    """The dict nanochat_core.report.render_report expects, from the stage manifests."""
+    """The dict nanochat_core.pipeline.report.render_report expects, from the stage manifests."""
     stage_info = {}
     for name, info in summary["stages"].items():
         manifest = artifacts.read_manifest(info["uri"])
         stage = nodes[name].stage
         stage_info[name] = {"stage": stage, "metrics": manifest["metrics"], "config": configs[stage],
-                            "seconds": info["seconds"], "cached": info["cached"]}
+                            "seconds": info["seconds"], "cached": info["cached"], "reused": info.get("reused", False)}
     return {"run_id": run_id, "started": started, "stages": stage_info}
 
 
@@ -114,6 +100,7 @@ def speedrun(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     serve_deployment: str | None = None,
+    reuse: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline for `preset` into `store` (RL too when `rl`); returns the run summary.
 
@@ -121,7 +108,9 @@ def speedrun(
     nnodes > 1: distributed stages run on nnodes hosts (this one is node 0, reachable at master_addr); the
     others are `train-node` runs on work queues node-1.. (flows/multinode.py); the store must be shared.
     serve_deployment: the chat server is a run of this deployment (e.g. "serve/serve": cancel the run to stop
-    the server); unset, it is a detached process."""
+    the server); unset, it is a detached process.
+    reuse: stages (pipeline nodes) to keep at their newest intact artifact even when their key changed; the
+    stages after them key on that artifact."""
     logger = get_run_logger()
     overrides = overrides_dict(overrides)
     hosts = Nodes(nnodes, 0, master_addr, master_port)
@@ -137,18 +126,34 @@ def speedrun(
     run_dir = artifacts.join_uri(store, "runs", run_id)
     logger.info(f"speedrun {preset}: store {store}, run {run_id}")
 
-    nodes = {node.name: node for node in stages.pipeline(rl)}
+    order = stages.pipeline(rl)
+    nodes = {node.name: node for node in order}
+    reuse = plan.check_reuse(reuse or [], order)
+    modules = plan.code_modules_by_stage(order)
     refs: dict[str, artifacts.ArtifactRef] = {}
-    summary: dict[str, Any] = {"run_id": run_id, "preset": preset, "started": started, "stages": {}, "server": None}
+    summary: dict[str, Any] = {"run_id": run_id, "preset": preset, "started": started, "stages": {}, "reused": reuse,
+                               "server": None}
     t_start = time.time()
-    for node in nodes.values():
+    for node in order:
         inputs = {flag: refs[upstream] for flag, upstream in node.inputs}
-        ref, cached, seconds = run_stage(node.stage, configs[node.stage], inputs, store, nproc=nproc, name=node.name,
-                                         nodes=hosts)
+        decision = plan.decide(node, configs[node.stage], inputs, store, nodes, modules[node.stage], reuse)
+        if decision.reused:
+            ref, seconds = decision.ref, 0.0
+            logger.info(f"{node.name}: {decision.reasons[0]}")
+        else:
+            if not decision.cached:
+                damaged = any(r.startswith(plan.DAMAGED) for r in decision.reasons)
+                (logger.warning if damaged else logger.info)(f"{node.name} runs: {'; '.join(decision.reasons)}")
+            built_on = plan.reused_ancestors(node, nodes, reuse)
+            node_plan = decision.plan if not built_on else stages.with_reused(decision.plan, {
+                name: artifacts.relative_to_store(refs[name].uri, store) for name in built_on})
+            ref, _, seconds = run_stage(node.stage, configs[node.stage], inputs, store, nproc=nproc, name=node.name,
+                                        nodes=hosts, plan=node_plan, intact=decision.cached)
         refs[node.name] = ref
-        summary["stages"][node.name] = {"uri": ref.uri, "digest": ref.digest, "cached": cached,
+        summary["stages"][node.name] = {"uri": ref.uri, "digest": ref.digest, "cached": decision.cached,
+                                        "reused": decision.reused, "reasons": decision.reasons,
                                         "seconds": round(seconds, 2)}
-        logger.info(f"{node.name}: {'Cached' if cached else 'done'} in {seconds:.1f}s -> {ref.uri}")
+        logger.info(f"{node.name}: {'Cached' if decision.cached else 'done'} in {seconds:.1f}s -> {ref.uri}")
     summary["wall_seconds"] = round(time.time() - t_start, 2)
 
     card = publish_report(run_dir, report_input(run_id, started, summary, configs, nodes), summary, preset)

@@ -1,9 +1,11 @@
 """One Prefect task per pipeline stage, over nanochat_core's stage contract.
 
 Caching: the task's cache key is the stage's content key (stage, config, upstream digests, code version)
-plus the store, so the Prefect record and the store agree on what "done" means. Prefect's record is
-only trusted while the store still holds the artifact intact: `run_stage` checks the store first and
-forces a refresh when the artifact is missing or damaged (a cache hit never returns a dead reference).
+plus the store, so the Prefect record and the store agree on what "done" means. The stage plan (key, config,
+code hashes) is computed once per stage per run, by the flow (nanochat_core.pipeline.plan.decide), and passed
+to the task as a parameter. Prefect's record is only trusted while the store still holds the artifact intact:
+the flow checks the store first and forces a refresh when the artifact is missing or damaged (a cache hit never
+returns a dead reference).
 
 While a stage runs, its process output becomes Prefect log lines; its `NANOCHAT_PROGRESS` lines drive a
 Prefect progress artifact and a terminal bar; its `NANOCHAT_CHECKPOINT` lines become
@@ -26,24 +28,20 @@ from prefect.filesystems import RemoteFileSystem
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from nanochat_core import artifacts, stages
-from nanochat_core.artifacts import ArtifactError, ArtifactRef
-from nanochat_core.common import parse_structured_line
-from nanochat_core.launch import Nodes
+from nanochat_core.pipeline import artifacts, stages
+from nanochat_core.pipeline.artifacts import ArtifactError, ArtifactRef
+from nanochat_core.pipeline.launch import Nodes
+from nanochat_core.progress import parse_structured_line
 
 
 def _refs(inputs: dict[str, dict[str, str]]) -> dict[str, ArtifactRef]:
     return {flag: ArtifactRef.from_dict(ref) for flag, ref in inputs.items()}
 
 
-def _plan(stage: str, config: dict[str, Any], inputs: dict[str, dict[str, str]], store: str) -> stages.StagePlan:
-    return stages.plan_stage(stage, stages.make_config(stage, config), _refs(inputs), store)
-
-
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    plan = _plan(parameters["stage"], parameters["config"], parameters["inputs"], parameters["store"])
+    plan = parameters["plan"]
     store_id = hashlib.sha256(parameters["store"].encode()).hexdigest()[:8]
-    return f"nanochat-{plan.stage}-{plan.key}-{store_id}"
+    return f"nanochat-{plan['stage']}-{plan['key']}-{store_id}"
 
 
 class StageOutput:
@@ -100,13 +98,14 @@ class StageOutput:
 
 
 @task(cache_key_fn=stage_cache_key, result_serializer="json", persist_result=True)
-def stage_task(stage: str, config: dict[str, Any], inputs: dict[str, dict[str, str]], store: str,
+def stage_task(plan: dict[str, Any], inputs: dict[str, dict[str, str]], store: str,
                nproc: int = 1, nnodes: int = 1, master_addr: str = "127.0.0.1",
                master_port: int = 29500) -> dict[str, str]:
     """Produce the stage's artifact (or find it in the store) and return its reference as a dict.
     With nnodes > 1 this is node 0 of a multi-node stage (flows/multinode.py starts the other nodes)."""
     logger = get_run_logger()
-    plan = _plan(stage, config, inputs, store)
+    plan = stages.StagePlan.from_dict(plan)
+    stage = plan.stage
     done = stages.find_done(plan, deep=True)
     if done is not None:
         logger.info(f"{stage}: found complete artifact {done.uri} in the store")
@@ -122,8 +121,7 @@ def stage_task(stage: str, config: dict[str, Any], inputs: dict[str, dict[str, s
         return stages.execute(plan, _refs(inputs), nproc=nproc, on_line=output).to_dict()
     from flows.multinode import start_other_nodes, wait_for_nodes
 
-    others = start_other_nodes({"stage": stage, "config": config, "inputs": inputs, "store": store,
-                                "nproc": nproc}, nodes)
+    others = start_other_nodes({"plan": plan.to_dict(), "inputs": inputs, "store": store, "nproc": nproc}, nodes)
     logger.info(f"{stage}: started nodes 1..{nnodes - 1}: {', '.join(r.name for r in others)}")
     ref = stages.execute(plan, _refs(inputs), nproc=nproc, on_line=output, nodes=nodes)
     wait_for_nodes(others)
@@ -144,20 +142,24 @@ def result_storage(store: str) -> Path | RemoteFileSystem:
 
 
 def run_stage(stage: str, config: dict[str, Any], inputs: dict[str, ArtifactRef], store: str,
-              nproc: int = 1, name: str | None = None, nodes: Nodes | None = None) -> tuple[ArtifactRef, bool, float]:
-    """Run one stage task (shown as `name`, default the stage); returns (reference, came from cache, seconds).
-    `nodes` spreads a distributed stage over several hosts (node 0 is this one)."""
-    params = {"stage": stage, "config": config, "inputs": {k: v.to_dict() for k, v in inputs.items()},
-              "store": store, "nproc": nproc}
+              nproc: int = 1, name: str | None = None, nodes: Nodes | None = None,
+              plan: stages.StagePlan | None = None, intact: bool | None = None) -> tuple[ArtifactRef, bool, float]:
+    """Run one stage task (shown as `name`, default the stage); returns (reference, found in the store, seconds).
+    `nodes` spreads a distributed stage over several hosts (node 0 is this one). A flow that has already planned
+    the stage and checked the store (pipeline.plan.decide) passes `plan` and `intact`, so neither is done twice."""
+    if plan is None:
+        plan = stages.plan_stage(stage, stages.make_config(stage, config), inputs, store)
+    params = {"plan": plan.to_dict(), "inputs": {k: v.to_dict() for k, v in inputs.items()}, "store": store,
+              "nproc": nproc}
     if nodes is not None and nodes.nnodes > 1 and stages.STAGES[stage].distributed:
         params.update(nnodes=nodes.nnodes, master_addr=nodes.master_addr, master_port=nodes.master_port)
-    plan = _plan(stage, config, params["inputs"], store)
-    # Deep (sha256) check before trusting a cache hit: a flipped byte is found here and the stage recomputed,
-    # instead of a later stage loading it.
-    done, why = stages.damage(plan, deep=True)
-    intact = done is not None
-    if not intact and artifacts.read_manifest_bytes(plan.uri) is not None:
-        get_run_logger().warning(f"{name or stage}: the stored artifact is not usable ({why}); recomputing it")
+    if intact is None:
+        # Deep (sha256) check before trusting a cache hit: a flipped byte is found here and the stage recomputed,
+        # instead of a later stage loading it.
+        done, why = stages.damage(plan, deep=True)
+        intact = done is not None
+        if not intact and artifacts.read_manifest_bytes(plan.uri) is not None:
+            get_run_logger().warning(f"{name or stage}: the stored artifact is not usable ({why}); recomputing it")
     options: dict[str, Any] = {"name": name or stage, "task_run_name": name or stage, "refresh_cache": not intact,
                                "result_storage": result_storage(store)}
     t0 = time.time()
@@ -167,4 +169,4 @@ def run_stage(stage: str, config: dict[str, Any], inputs: dict[str, ArtifactRef]
         ref = artifacts.verify_artifact(result.uri)
     except ArtifactError as e:
         raise ArtifactError(f"stage {stage} returned an unusable artifact: {e}") from e
-    return ref, state.name == "Cached", time.time() - t0
+    return ref, intact, time.time() - t0

@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 
 from nanochat_core import tasks
-from nanochat_core.artifacts import atomic_write_bytes
 from nanochat_core.checkpoint import load_model
-from nanochat_core.common import cleanup_distributed, emit_progress, init_distributed, print0
+from nanochat_core.common import cleanup_distributed, init_distributed
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args, config_to_dict
 from nanochat_core.engine import Engine
+from nanochat_core.fileio import atomic_write_bytes
+from nanochat_core.progress import emit_progress, print0
 from nanochat_core.sandbox import run_code
 from nanochat_core.tokenizer import Tokenizer
 

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanochat_core.artifacts import sha256_file
 from nanochat_core.common import DistInfo
+from nanochat_core.errors import UserError
+from nanochat_core.fileio import sha256_file
 from nanochat_core.gpt import GPT, GPTConfig
 
 CHECKPOINTS = "checkpoints"
@@ -40,7 +41,7 @@ COMPLETE = "COMPLETE"
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or model file is missing, truncated or inconsistent; the message names the file."""
 
 

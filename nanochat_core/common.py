@@ -8,7 +8,6 @@ Structured progress: a training/eval process prints lines `NANOCHAT_PROGRESS {js
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import sys
@@ -17,9 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-PROGRESS_PREFIX = "NANOCHAT_PROGRESS "
-CHECKPOINT_PREFIX = "NANOCHAT_CHECKPOINT "
 
 
 @dataclass(frozen=True)
@@ -118,37 +114,11 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def print0(*args, **kwargs) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
 
 
-def emit_progress(step: int, total: int, **metrics) -> None:
-    """One machine-readable progress line (rank 0 only)."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        payload = {"step": step, "total": total, **metrics}
-        sys.stdout.write(PROGRESS_PREFIX + json.dumps(payload) + "\n")
-        sys.stdout.flush()
 
 
-def checkpoint_line(path: str, step: int, stage: str) -> str:
-    """The line that announces a committed checkpoint (without its newline)."""
-    return CHECKPOINT_PREFIX + json.dumps({"path": path, "step": step, "stage": stage})
 
 
-def emit_checkpoint(path: str, step: int, stage: str) -> None:
-    """Announce a committed checkpoint (rank 0 only); flows turn this into a Prefect event."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        sys.stdout.write(checkpoint_line(path, step, stage) + "\n")
-        sys.stdout.flush()
 
 
-def parse_structured_line(line: str) -> tuple[str, dict] | None:
-    """Inverse of emit_progress/emit_checkpoint: ("progress"|"checkpoint", payload) or None."""
-    for kind, prefix in (("progress", PROGRESS_PREFIX), ("checkpoint", CHECKPOINT_PREFIX)):
-        if line.startswith(prefix):
-            try:
-                return kind, json.loads(line[len(prefix):])
-            except json.JSONDecodeError:
-                return None
-    return None

@@ -14,10 +14,12 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from nanochat_core.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value a user gave is wrong; the message names the field."""
 
 

@@ -45,12 +45,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat_core.artifacts import atomic_write_bytes
 from nanochat_core.chat_eval import all_reduce_counts, rank_and_world
 from nanochat_core.checkpoint import CheckpointError, load_model
-from nanochat_core.common import cleanup_distributed, emit_progress, init_distributed, print0
+from nanochat_core.common import cleanup_distributed, init_distributed
 from nanochat_core.config import ConfigError
 from nanochat_core.data.sources import DATA_ENV, DataError, data_root, read_bytes, resolve
+from nanochat_core.fileio import atomic_write_bytes
+from nanochat_core.progress import emit_progress, print0
 from nanochat_core.tokenizer import Tokenizer, TokenizerError
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"

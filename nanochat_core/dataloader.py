@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from nanochat_core.data.sources import DataError
-from nanochat_core.tokenizer import Tokenizer, find_shards
+from nanochat_core.data.sources import DataError, find_shards
+from nanochat_core.tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
 

@@ -8,6 +8,8 @@ a CPU's peak depends on its vector units, clock and core count in ways a name ta
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 # (substring of torch.cuda.get_device_name(), peak dense bf16 FLOP/s). First match wins, so the more
@@ -53,3 +55,10 @@ def mfu_percent(flops_per_token: float, tokens: int, seconds: float, peak: float
     if peak is None or seconds <= 0:
         return None
     return 100 * flops_per_token * tokens / seconds / (peak * world_size)
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA; nothing (fp32) on CPU/MPS."""
+    if device.type == "cuda":
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()

@@ -26,8 +26,8 @@ from nanochat_core.chat_eval import ChatEvalConfig, write_json
 from nanochat_core.checkpoint import load_model
 from nanochat_core.common import cleanup_distributed, init_distributed
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args, config_to_dict
+from nanochat_core.stage_cli import run_cli
 from nanochat_core.tokenizer import Tokenizer
-from nanochat_core.train.common import run_cli
 
 CORE = "CORE"
 AUTO_TASKS = {"base": (CORE,), "mid": chat_eval.VALID_TASKS, "sft": chat_eval.VALID_TASKS, "rl": ("GSM8K",)}

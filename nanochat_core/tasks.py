@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nanochat_core.common import print0
 from nanochat_core.data.sources import (
     DataError,
     data_root,
@@ -33,6 +32,7 @@ from nanochat_core.data.sources import (
     resolve,
     sft_sources,
 )
+from nanochat_core.progress import print0
 
 ARC_SUBSETS = ("ARC-Easy", "ARC-Challenge")
 ARC_SPLITS = ("train", "validation", "test")

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import tiktoken
 import tiktoken.load
 
-from nanochat_core.artifacts import atomic_write_bytes
 from nanochat_core.data.sources import DataError, is_url, read_bytes, resolve
+from nanochat_core.fileio import atomic_write_bytes
 
 # tiktoken's split patterns for r50k (GPT-2) and cl100k (GPT-4)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -158,7 +158,9 @@ def evaluate(tokenizer, val_shard: Path, out_dir: Path | None, max_chars: int) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    from nanochat_core.tokenizer import VAL_EVAL_CHARS, Tokenizer, find_shards
+    from nanochat_core.data.sources import find_shards
+    from nanochat_core.tok_train import VAL_EVAL_CHARS
+    from nanochat_core.tokenizer import Tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (Tokenizer.save)")

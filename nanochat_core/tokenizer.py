@@ -4,32 +4,20 @@ The vocabulary is 256 byte tokens, then the merges, then the 9 special tokens (i
 Files (no pickle): `tokenizer.json` (pattern, special tokens, sha256 of the ranks file) and
 `tokenizer.tiktoken` (one `base64(token_bytes) rank` line per token, tiktoken's own format).
 
-Also the tokenizer stage: train on the train shards (every shard but the last), save, evaluate compression on
-the validation shard against GPT-2 and GPT-4 per domain (tok_eval.md, see nanochat_core.tok_eval), write
-metrics.json.
-
-    python -m nanochat_core.tokenizer --shards DIR --out DIR [--vocab-size 65536] [--max-chars N] [--doc-cap N]
+The tokenizer stage (training on shards, the compression report) is nanochat_core.tok_train.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
-import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import tiktoken
 
-import rustbpe
-from nanochat_core import tok_eval
-from nanochat_core.artifacts import atomic_write_bytes
-from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
-from nanochat_core.data.sources import DataError
+from nanochat_core.errors import UserError
+from nanochat_core.fileio import atomic_write_bytes
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document starts with it
@@ -43,11 +31,9 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 CONFIG_FILE = "tokenizer.json"
 RANKS_FILE = "tokenizer.tiktoken"
 FORMAT = "nanochat-tokenizer-v1"
-ROUNDTRIP_TEXT = "Hello world! 123 4567 ünïcödé 你好 🙂 <|bos|> \t\n  x"
-VAL_EVAL_CHARS = 10_000_000  # compression is measured on (about) this many chars of the val shard
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """Tokenizer files are missing or corrupt; the message names the file."""
 
 
@@ -62,17 +48,6 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(
             name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=self._special)
         self.bos_token_id = self._special["<|bos|>"]
-
-    @classmethod
-    def train_from_iterator(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
-        """Train on texts; vocab_size counts the 256 bytes, the merges and the 9 special tokens."""
-        num_ranks = vocab_size - len(SPECIAL_TOKENS)
-        if num_ranks < 256:
-            raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), "
-                             f"got {vocab_size}")
-        bpe = rustbpe.Tokenizer()
-        bpe.train_from_iterator(iter(texts), num_ranks, pattern=SPLIT_PATTERN)
-        return cls(dict(bpe.get_mergeable_ranks()), bpe.get_pattern())
 
     # ---- files
 
@@ -272,100 +247,3 @@ def _parse_ranks(data: bytes, path: Path) -> dict[bytes, int]:
 
 # ---------------------------------------------------------------------------------------------
 # the tokenizer stage
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    vocab_size: int = 65536  # 256 bytes + merges + 9 special tokens
-    max_chars: int = 2_000_000_000  # train on (at most) this many characters
-    doc_cap: int = 10_000  # characters kept per document
-
-    def validate(self) -> None:
-        if not 256 + len(SPECIAL_TOKENS) <= self.vocab_size <= 2**31 - 1:
-            raise ConfigError(f"TokenizerConfig.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} "
-                              f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {self.vocab_size}")
-        if self.max_chars < 1:
-            raise ConfigError(f"TokenizerConfig.max_chars must be >= 1, got {self.max_chars}")
-        if self.doc_cap < 1:
-            raise ConfigError(f"TokenizerConfig.doc_cap must be >= 1, got {self.doc_cap}")
-
-
-def find_shards(shards_dir: str | Path) -> list[Path]:
-    """The shard files in order (the last one is validation)."""
-    shards_dir = Path(shards_dir)
-    if not shards_dir.is_dir():
-        raise DataError(f"shards directory {shards_dir} does not exist")
-    paths = sorted(shards_dir.glob("shard_*.parquet"))
-    if len(paths) < 2:
-        raise DataError(f"{shards_dir} holds {len(paths)} shard_*.parquet file(s); need at least 2 (train + val)")
-    return paths
-
-
-def iter_documents(path: Path) -> Iterator[str]:
-    """The `text` column of a parquet shard, one row group at a time."""
-    try:
-        pf = pq.ParquetFile(path)
-        if "text" not in pf.schema_arrow.names:
-            raise DataError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
-        for rg in range(pf.num_row_groups):
-            yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise DataError(f"cannot read parquet shard {path}: {e}") from e
-
-
-def training_texts(paths: list[Path], max_chars: int, doc_cap: int, stats: dict) -> Iterator[str]:
-    """Documents cropped to doc_cap, stopping at max_chars in total (the last one cropped to fit)."""
-    stats["chars"] = 0
-    for path in paths:
-        for doc in iter_documents(path):
-            if not doc:
-                continue
-            doc = doc[: min(doc_cap, max_chars - stats["chars"])]
-            stats["chars"] += len(doc)
-            yield doc
-            if stats["chars"] >= max_chars:
-                return
-
-
-def train_tokenizer(config: TokenizerConfig, shards_dir: str | Path, out_dir: str | Path) -> dict:
-    """Train on the train shards, save the tokenizer into out_dir, evaluate it on the val shard (tok_eval.md),
-    write metrics.json; returns the metrics."""
-    config.validate()
-    paths = find_shards(shards_dir)
-    train_paths, val_path = paths[:-1], paths[-1]
-    stats: dict = {}
-    t0 = time.time()
-    tokenizer = Tokenizer.train_from_iterator(
-        training_texts(train_paths, config.max_chars, config.doc_cap, stats), config.vocab_size)
-    train_seconds = time.time() - t0
-    if tokenizer.decode(tokenizer.encode(ROUNDTRIP_TEXT)) != ROUNDTRIP_TEXT:
-        raise RuntimeError("trained tokenizer fails the encode/decode round trip")
-    out = Path(out_dir)
-    tokenizer.save(out)
-    metrics = {
-        "vocab_size": tokenizer.get_vocab_size(),
-        "train_chars": stats["chars"],
-        "train_seconds": round(train_seconds, 3),
-        **tok_eval.evaluate(tokenizer, val_path, out, VAL_EVAL_CHARS),  # bytes_per_token, gpt2_/gpt4_...
-    }
-    atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="directory of shard_*.parquet (the last is validation)")
-    parser.add_argument("--out", required=True, help="output directory for the tokenizer")
-    add_config_arguments(parser, TokenizerConfig)
-    args = parser.parse_args(argv)
-    try:
-        metrics = train_tokenizer(config_from_args(TokenizerConfig, args), args.shards, args.out)
-    except (ConfigError, DataError) as e:
-        parser.exit(2, f"error: {e}\n")
-    print(json.dumps(metrics))
-
-
-if __name__ == "__main__":
-    main()

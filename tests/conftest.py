@@ -13,6 +13,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# A cold, busy machine (issue 12): a new test database plus prefect.server compiled from source took 47 s
+# with one core busy; Prefect's default is 20 s. prefect_test_harness below uses this too.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -26,7 +29,8 @@ def prefect_api(tmp_path_factory):
     previous = os.environ.get("PREFECT_LOCAL_STORAGE_PATH")
     os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-storage"))
     try:
-        with prefect_test_harness(server_startup_timeout=60):
+        # None: the start-up timeout is PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (set above)
+        with prefect_test_harness(server_startup_timeout=None):
             from prefect.settings import PREFECT_API_URL
 
             yield PREFECT_API_URL.value()
@@ -50,7 +54,7 @@ def tiny_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
     Load it with `nanochat_core.tokenizer.Tokenizer.load(tiny_tokenizer_dir)`."""
     import pyarrow.parquet as pq
 
-    from nanochat_core.tokenizer import Tokenizer
+    from nanochat_core.tok_train import train_bpe
 
     table = pq.read_table(shared_data / "pretrain" / "shard_00000.parquet", columns=["text"])
     texts, chars = [], 0
@@ -60,7 +64,7 @@ def tiny_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
         if chars >= 300_000:
             break
     out = tmp_path_factory.mktemp("tiny_tokenizer")
-    Tokenizer.train_from_iterator(texts, vocab_size=512).save(out)
+    train_bpe(texts, vocab_size=512).save(out)
     return out
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from nanochat_core import artifacts
-from nanochat_core.artifacts import ArtifactError
+from nanochat_core.pipeline import artifacts
+from nanochat_core.pipeline.artifacts import ArtifactError
 
 
 def make_artifact(root, files):
@@ -55,35 +55,6 @@ def test_wrong_expected_digest_is_refused(tmp_path):
     make_artifact(root, {"w.bin": b"1"})
     with pytest.raises(ArtifactError, match="differs"):
         artifacts.verify_artifact(str(root), "0" * 64)
-
-
-def test_cache_key_depends_on_every_part():
-    base = artifacts.cache_key("s", {"a": 1}, {"up": "d1"}, "c1")
-    assert base == artifacts.cache_key("s", {"a": 1}, {"up": "d1"}, "c1")
-    assert base != artifacts.cache_key("t", {"a": 1}, {"up": "d1"}, "c1")
-    assert base != artifacts.cache_key("s", {"a": 2}, {"up": "d1"}, "c1")
-    assert base != artifacts.cache_key("s", {"a": 1}, {"up": "d2"}, "c1")
-    assert base != artifacts.cache_key("s", {"a": 1}, {"up": "d1"}, "c2")
-
-
-def test_code_version_follows_imports(tmp_path, monkeypatch):
-    pkg = tmp_path / "nanochat_core"
-    (pkg / "train").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "train" / "__init__.py").write_text("")
-    (pkg / "model.py").write_text("X = 1\n")
-    (pkg / "server.py").write_text("Y = 1\n")
-    (pkg / "train" / "base.py").write_text("from nanochat_core.model import X\nfrom ..model import X as Z\n")
-    monkeypatch.setattr(artifacts, "PACKAGE_ROOT", pkg)
-    v1 = artifacts.code_version("nanochat_core.train.base")
-    (pkg / "server.py").write_text("Y = 2\n")  # not imported by the stage: same version
-    assert artifacts.code_version("nanochat_core.train.base") == v1
-    (pkg / "model.py").write_text("X = 2\n")  # imported: new version
-    assert artifacts.code_version("nanochat_core.train.base") != v1
-
-
-def test_real_stage_code_versions_differ():
-    assert artifacts.code_version("nanochat_core.data.shards") != artifacts.code_version("nanochat_core.stages")
 
 
 def test_check_store_rejects_unwritable(tmp_path):

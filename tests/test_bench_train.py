@@ -16,7 +16,7 @@ from nanochat_core.common import DistInfo
 from nanochat_core.dataloader import PretrainLoader
 from nanochat_core.device import GPU_PEAK_BF16_FLOPS, gpu_peak_flops, mfu_percent, peak_flops
 from nanochat_core.tokenizer import Tokenizer
-from nanochat_core.train.common import WandbLog
+from nanochat_core.wandb_log import WandbLog
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = dict(GPU_PEAK_BF16_FLOPS)

@@ -4,7 +4,7 @@ import pytest
 
 from nanochat_core.config import ConfigError, config_from_dict
 from nanochat_core.data.shards import ShardsConfig
-from nanochat_core.presets import parse_override, preset_values
+from nanochat_core.pipeline.presets import parse_override, preset_values
 
 
 def test_config_from_dict_strict():

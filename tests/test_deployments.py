@@ -25,7 +25,7 @@ import psutil
 import pytest
 from test_flows import free_port, with_overrides
 
-from nanochat_core import artifacts
+from nanochat_core.pipeline import artifacts
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "nanochat"

@@ -13,7 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanochat_core.batching import (
+from nanochat_core.calculator import calculate
+from nanochat_core.engine import Engine, IncrementalDecoder, KVCache, RowState, sample_next_token
+from nanochat_core.gpt import GPT, GPTConfig
+from nanochat_core.serve.batching import (
     Job,
     Replica,
     SlotCache,
@@ -23,9 +26,6 @@ from nanochat_core.batching import (
     prefill,
     sample_rows,
 )
-from nanochat_core.calculator import calculate
-from nanochat_core.engine import Engine, IncrementalDecoder, KVCache, RowState, sample_next_token
-from nanochat_core.gpt import GPT, GPTConfig
 from nanochat_core.tokenizer import Tokenizer
 
 
@@ -283,7 +283,7 @@ def test_calculator_works_off_the_main_thread():
 
 
 # -----------------------------------------------------------------------------
-# continuous batching (nanochat_core.batching): rows at their own positions, joining and leaving
+# continuous batching (nanochat_core.serve.batching): rows at their own positions, joining and leaving
 
 def wait_until(predicate, timeout: float = 10.0) -> None:
     deadline = time.time() + timeout

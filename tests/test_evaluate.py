@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_deployments import stop, wait_for
 
-from nanochat_core import artifacts, stages
+from nanochat_core.pipeline import artifacts, stages
 
 MICRO = {
     "tokenizer": {"vocab_size": 512, "max_chars": 1_000_000},

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nanochat_core import artifacts
+from nanochat_core.pipeline import artifacts
 
 # Small enough to run every stage in seconds on 2 cores; the real tiny preset is exercised by `make speedrun`.
 MICRO = {
@@ -103,7 +103,8 @@ def test_speedrun_end_to_end_then_all_cached(prefect_api, store, server_pids):
     assert not any(cached(first).values())
     summary_path = Path(store) / "runs" / first["run_id"] / "summary.json"
     on_disk = json.loads(summary_path.read_text())
-    assert set(on_disk["stages"]["base"]) == {"uri", "digest", "cached", "seconds"}
+    assert set(on_disk["stages"]["base"]) == {"uri", "digest", "cached", "reused", "reasons", "seconds"}
+    assert on_disk["stages"]["base"]["reasons"] == ["no base artifact of this kind in the store yet"]
     assert on_disk["server"]["url"] == f"http://127.0.0.1:{port}"
     run_dir = Path(store) / "runs" / first["run_id"]
     card = (run_dir / "report.md").read_text()

@@ -13,9 +13,9 @@ import pytest
 from test_deployments import stop
 from test_flows import free_port
 
-from nanochat_core import stages
 from nanochat_core.checkpoint import latest_checkpoint
-from nanochat_core.launch import Nodes
+from nanochat_core.pipeline import stages
+from nanochat_core.pipeline.launch import Nodes
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "nanochat-multinode-test"

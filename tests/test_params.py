@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 from flows.params import StageOverrides, overrides_dict
 from flows.speedrun import speedrun
-from nanochat_core import stages
-from nanochat_core.presets import PRESETS
+from nanochat_core.pipeline import stages
+from nanochat_core.pipeline.presets import PRESETS
 
 
 def test_form_lists_presets_and_every_stage_field_with_its_default():

@@ -31,7 +31,7 @@ from test_deployments import (
 from test_flows import MICRO, free_port
 
 from flows.serve import health
-from nanochat_core import stages
+from nanochat_core.pipeline import stages
 
 ARTIFACTS = REPO / "test-artifacts"
 STAGE_FIELDS = {stage: fields for stage, fields in MICRO.items() if stage != "rl"}  # the rl stage does not run

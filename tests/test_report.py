@@ -2,7 +2,7 @@
 
 import pytest
 
-from nanochat_core import report
+from nanochat_core.pipeline import report
 
 SYSTEM = {"Platform": "TestOS", "CPUs": "2", "RAM": "4.0 GiB", "GPU": "none", "Python": "3.x", "PyTorch": "2.x"}
 

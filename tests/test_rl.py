@@ -20,9 +20,9 @@ from nanochat_core.checkpoint import latest_checkpoint, load_model, save_final_m
 from nanochat_core.config import ConfigError
 from nanochat_core.engine import Engine
 from nanochat_core.gpt import GPT, config_for_depth
+from nanochat_core.stage_cli import PREEMPTED_EXIT_CODE
 from nanochat_core.tokenizer import Tokenizer
 from nanochat_core.train import rl
-from nanochat_core.train.common import PREEMPTED_EXIT_CODE
 
 TINY_RL = {"num_iterations": 4, "max_examples": 4, "examples_per_step": 2, "num_samples": 4, "device_batch_size": 2,
            "max_new_tokens": 8, "eval_every": 2, "max_eval": 4, "eval_samples": 2, "save_every": 1,

@@ -56,9 +56,10 @@ def reference_bpe(texts: list[str], num_merges: int, pattern: str = SPLIT_PATTER
     return vocab
 
 
-def trained(texts, vocab_size: int, **kw) -> rustbpe.Tokenizer:
+def trained(texts, vocab_size: int, pattern: str = SPLIT_PATTERN, **kw) -> rustbpe.Tokenizer:
+    # nanochat's pattern, passed explicitly: the crate's default is GPT-4's (the wheel's)
     tok = rustbpe.Tokenizer()
-    tok.train_from_iterator(iter(texts), vocab_size, **kw)
+    tok.train_from_iterator(iter(texts), vocab_size, pattern=pattern, **kw)
     return tok
 
 
@@ -117,6 +118,11 @@ def test_encode_and_batch_encode_equal_tiktoken(corpus, val_texts):
 
 
 def test_default_and_custom_patterns():
+    # no pattern: GPT-4's, as in the upstream wheel (a fresh tokenizer reports it too)
+    tok = rustbpe.Tokenizer()
+    assert tok.get_pattern() == rustbpe.GPT4_PATTERN
+    tok.train_from_iterator(iter(["hello"]), 260)
+    assert tok.get_pattern() == rustbpe.GPT4_PATTERN
     assert trained(["hello"], 260).get_pattern() == SPLIT_PATTERN == rustbpe.SPLIT_PATTERN
     tok = trained(["hello world hello"], 258, pattern=r"\w+|\s+")
     assert tok.get_pattern() == r"\w+|\s+"
@@ -189,9 +195,9 @@ def check_splitter_on_code_points(code_points) -> None:
     for i in range(0, len(chars), 8192):
         block = chars[i:i + 8192]
         text = "\x00".join(context.format(c) for c in block)
-        assert rustbpe._split(text) == rustbpe._split(text, reference=True), block[0]
+        assert rustbpe._split(text, SPLIT_PATTERN) == rustbpe._split(text, SPLIT_PATTERN, reference=True), block[0]
         assigned = "\x00".join(context.format(c) for c in block if unicodedata.category(c) != "Cn")
-        assert rustbpe._split(assigned) == compiled.findall(assigned), block[0]
+        assert rustbpe._split(assigned, SPLIT_PATTERN) == compiled.findall(assigned), block[0]
 
 
 def test_splitter_on_the_bmp_and_a_sample_of_the_other_planes():
@@ -213,9 +219,9 @@ fuzz_text = st.lists(st.one_of(st.sampled_from(STEERING), ASSIGNED), max_size=60
 @settings(max_examples=300, deadline=None)
 @given(fuzz_text)
 def test_splitter_on_fuzzed_text(text):
-    pieces = rustbpe._split(text)
+    pieces = rustbpe._split(text, SPLIT_PATTERN)
     assert "".join(pieces) == text
-    assert pieces == rustbpe._split(text, reference=True) == regex.findall(SPLIT_PATTERN, text)
+    assert pieces == rustbpe._split(text, SPLIT_PATTERN, reference=True) == regex.findall(SPLIT_PATTERN, text)
     gpt4 = rustbpe.GPT4_PATTERN
     assert rustbpe._split(text, gpt4) == rustbpe._split(text, gpt4, reference=True) == regex.findall(gpt4, text)
 

@@ -3,9 +3,11 @@
 The wheel has the same import name as ours, so it lives in its own directory (`make install` puts it in
 .venv/upstream-rustbpe; NANOCHAT_UPSTREAM_RUSTBPE overrides) and runs in a subprocess with that directory
 first on sys.path. Both train on the tokenizer stage's documents (all train shards, each cropped to the
-stage's doc_cap, at most max_chars) with the same split pattern.
+stage's doc_cap, at most max_chars) with the same split pattern. Trained with default arguments (no pattern),
+both use GPT-4's pattern and give the same ranks: code written for the wheel runs unchanged on ours.
 """
 
+import inspect
 import json
 import os
 import random
@@ -17,17 +19,26 @@ from pathlib import Path
 import pytest
 
 import rustbpe
-from nanochat_core.tokenizer import SPLIT_PATTERN, TokenizerConfig, find_shards, training_texts
+from nanochat_core.data.sources import find_shards
+from nanochat_core.tok_train import TokenizerConfig, training_texts
+from nanochat_core.tokenizer import SPLIT_PATTERN
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = Path(os.environ.get("NANOCHAT_UPSTREAM_RUSTBPE", REPO / ".venv" / "upstream-rustbpe")).resolve()
 CASES = [(4096, "nanochat"), (32768, "nanochat"), (4096, "gpt4")]  # (vocab_size, split pattern)
+# GPT-4's split pattern as the wheel's source writes it (its GPT4_PATTERN), written out here rather than taken
+# from either rustbpe. (tiktoken 0.14 writes cl100k_base's differently, with more possessive quantifiers.)
+GPT4_SPLIT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+              r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+DEFAULTS_CHARS, DEFAULTS_VOCAB = 300_000, 1024  # small: the default-arguments tests stay fast
 
 # Runs in the subprocess: train upstream for every case, print {case: [token bytes as latin-1 str]}.
 UPSTREAM_WORKER = textwrap.dedent("""
     import json, sys
     import rustbpe
-    from nanochat_core.tokenizer import SPLIT_PATTERN, TokenizerConfig, find_shards, training_texts
+    from nanochat_core.data.sources import find_shards
+    from nanochat_core.tok_train import TokenizerConfig, training_texts
+    from nanochat_core.tokenizer import SPLIT_PATTERN
 
     corpus, cases = sys.argv[1], json.loads(sys.argv[2])
     config = TokenizerConfig()
@@ -57,6 +68,21 @@ UPSTREAM_SMALL_WORKER = textwrap.dedent("""
         tok.train_from_iterator(iter(texts), vocab_size, pattern=sys.argv[1])
         out["ranks"].append([bytes(token).decode("latin-1") for token, _ in tok.get_mergeable_ranks()])
     print(json.dumps(out))
+""")
+
+
+# Runs in the subprocess: train upstream with default arguments (no buffer_size, no pattern) on the texts
+# given as JSON on stdin; print its pattern, ranks and train_from_iterator's signature.
+UPSTREAM_DEFAULTS_WORKER = textwrap.dedent("""
+    import inspect, json, sys
+    import rustbpe
+
+    texts, vocab_size = json.load(sys.stdin)
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(iter(texts), vocab_size)
+    print(json.dumps({"file": rustbpe.__file__, "pattern": tok.get_pattern(),
+                      "ranks": [bytes(token).decode("latin-1") for token, _ in tok.get_mergeable_ranks()],
+                      "signature": str(inspect.signature(rustbpe.Tokenizer.train_from_iterator))}))
 """)
 
 
@@ -122,3 +148,37 @@ def test_ranks_identical_to_upstream_on_many_small_corpora():
         tok = rustbpe.Tokenizer()
         tok.train_from_iterator(iter(texts), vocab_size, pattern=SPLIT_PATTERN)
         assert [token.decode("latin-1") for token, _ in tok.get_mergeable_ranks()] == expected, (texts, vocab_size)
+
+
+@pytest.fixture(scope="module")
+def defaults_texts(corpus) -> list[str]:
+    # the tokenizer stage's documents, only the first DEFAULTS_CHARS characters (all from the first shard)
+    return list(training_texts(find_shards(corpus)[:-1], DEFAULTS_CHARS, TokenizerConfig().doc_cap, {}))
+
+
+@pytest.fixture(scope="module")
+def upstream_defaults(defaults_texts) -> dict:
+    return run_upstream(UPSTREAM_DEFAULTS_WORKER, [], json.dumps([defaults_texts, DEFAULTS_VOCAB]))
+
+
+def test_default_pattern_is_gpt4(upstream_defaults, defaults_texts):
+    assert upstream_defaults["pattern"] == GPT4_SPLIT
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(iter(defaults_texts), DEFAULTS_VOCAB)
+    assert tok.get_pattern() == GPT4_SPLIT == rustbpe.GPT4_PATTERN
+
+
+def test_default_training_identical_to_upstream(upstream_defaults, defaults_texts):
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(iter(defaults_texts), DEFAULTS_VOCAB)
+    assert tok.get_pattern() == upstream_defaults["pattern"]
+    ours = [token for token, _ in tok.get_mergeable_ranks()]
+    theirs = [token.encode("latin-1") for token in upstream_defaults["ranks"]]
+    assert len(ours) == len(theirs) == DEFAULTS_VOCAB  # the text has enough pairs for every merge
+    first_difference = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
+    assert first_difference is None, (first_difference, ours[first_difference], theirs[first_difference])
+
+
+def test_train_from_iterator_signature_is_upstreams(upstream_defaults):
+    # same parameter names and defaults, so keyword calls and inspect-based tooling see one API
+    assert str(inspect.signature(rustbpe.Tokenizer.train_from_iterator)) == upstream_defaults["signature"]

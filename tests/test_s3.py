@@ -31,12 +31,12 @@ import pytest
 import torch
 from test_flows import MICRO, STAGES, free_port
 
-from nanochat_core import artifacts, remote_checkpoints, stages
-from nanochat_core.artifacts import ArtifactError, StoreError
 from nanochat_core.checkpoint import COMPLETE, load_checkpoint, save_checkpoint
 from nanochat_core.common import DistInfo
 from nanochat_core.gpt import GPT, GPTConfig
-from nanochat_core.launch import StageFailed
+from nanochat_core.pipeline import artifacts, remote_checkpoints, stages
+from nanochat_core.pipeline.artifacts import ArtifactError, StoreError
+from nanochat_core.pipeline.launch import StageFailed
 
 BUCKET = "nanochat-test"
 # a failed upload leaves s3fs coroutines that fsspec created for files it never started
@@ -314,6 +314,76 @@ def test_models_in_an_s3_store_are_found_fetched_and_evaluated(resumed_on_s3, pr
     assert entry["step"] == 30 and entry["result"].startswith(f"{store}/eval/") and "ARC-Easy" in entry["metrics"]
     gone = evaluate(checkpoint=f"{ref.uri}/checkpoints/step_000010", store=store, tasks="ARC-Easy", missing_ok=True)
     assert gone == {"evaluated": [], "already": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# a store copied to another prefix: its records are relative, so it serves and resumes from its new place
+
+
+def test_store_copied_to_another_prefix_is_found_whole_there_and_its_model_loads(moto, shared_data, tmp_path,
+                                                                                monkeypatch):
+    from flows.serve import model_dirs
+    from nanochat_core.checkpoint import load_model
+    from nanochat_core.tokenizer import Tokenizer
+
+    a, b = f"s3://{BUCKET}/relocate-a", f"s3://{BUCKET}/relocate-b"
+    configs = {"shards": stages.make_config("shards", {"source": str(shared_data)}),
+               "tokenizer": stages.make_config("tokenizer", MICRO["tokenizer"]),
+               "base": stages.make_config("base", MICRO["base"])}
+    t0 = time.time()
+    at_a: dict[str, artifacts.ArtifactRef] = {}
+    for stage, config in configs.items():
+        at_a[stage] = stages.run_stage(stage, config, {f: at_a[f] for f in stages.STAGES[stage].inputs}, a)
+    built_seconds = time.time() - t0
+
+    fs = artifacts.filesystem(a)
+    src_root, dst_root = fs._strip_protocol(a), fs._strip_protocol(b)
+    objects = fs.find(a)
+    for path in objects:
+        fs.copy(path, dst_root + path[len(src_root):])
+    fs.rm(a, recursive=True)  # nothing can quietly use the original
+    assert fs.find(a) == [] and len(fs.find(b)) == len(objects)
+    monkeypatch.setenv("NANOCHAT_STAGING", str(tmp_path / "staging"))  # another machine: no staged copies,
+    monkeypatch.setenv("NANOCHAT_CACHE", str(tmp_path / "cache"))  # no downloads, no ETag memo
+
+    def executed(*args, **kwargs):
+        raise AssertionError(f"a stage was recomputed: {args[0].stage}")
+
+    monkeypatch.setattr(stages, "execute", executed)
+    at_b: dict[str, artifacts.ArtifactRef] = {}
+    for stage, config in configs.items():
+        inputs = {f: at_b[f] for f in stages.STAGES[stage].inputs}
+        plan = stages.plan_stage(stage, config, inputs, b)
+        key = at_a[stage].uri.rsplit("/", 1)[-1]
+        assert plan.key == key and plan.uri == f"{b}/{stage}/{key}", stage
+        at_b[stage] = stages.find_done(plan, deep=True)
+        assert at_b[stage] == artifacts.ArtifactRef(f"{b}/{stage}/{key}", at_a[stage].digest), stage
+        assert stages.run_stage(stage, config, inputs, b) == at_b[stage]  # nothing runs
+        manifest = artifacts.read_manifest(at_b[stage].uri)
+        assert manifest["inputs"] == {f: f"{f}/{at_b[f].uri.rsplit('/', 1)[-1]}" for f in inputs}, stage
+
+    base_uri = at_b["base"].uri
+    tok = stages.model_tokenizer(base_uri)
+    assert tok == at_b["tokenizer"] and tok.uri.startswith(f"{b}/")
+    model_dir = stages.local_model(base_uri)
+    assert model_dir.is_relative_to(tmp_path / "cache")  # downloaded from B, checked against its manifest
+    model, meta = load_model(model_dir, torch.device("cpu"))
+    tok_dir = artifacts.materialize(tok)
+    tokenizer = Tokenizer.load(tok_dir)
+    ids = tokenizer.encode("The store moved.", prepend="<|bos|>")
+    assert tokenizer.decode(ids[1:]) == "The store moved."
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))
+    assert logits.shape[:2] == (1, len(ids)) and torch.isfinite(logits).all()
+    # how `nanochat serve` / `chat` find a model's tokenizer: through the manifest's store-relative record
+    assert model_dirs(at_b["base"]) == (model_dir, tok_dir)
+
+    records = [p for p in fs.find(b) if p.rsplit("/", 1)[-1] in (artifacts.MANIFEST, artifacts.INPUTS)]
+    assert len(records) >= len(configs)
+    for path in records:
+        text = fs.cat_file(path).decode()
+        assert "relocate-a" not in text and str(moto["local"]) not in text, (path, text[:2000])
+    print(f"built on {a} in {built_seconds:.1f}s; {len(objects)} objects moved to {b}, {len(records)} records")
 
 
 # ---------------------------------------------------------------------------------------------

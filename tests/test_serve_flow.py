@@ -17,9 +17,9 @@ import torch
 from test_deployments import stop
 from test_flows import free_port
 
-from nanochat_core import artifacts
 from nanochat_core.checkpoint import save_final_model
 from nanochat_core.gpt import GPT, config_for_depth
+from nanochat_core.pipeline import artifacts
 from nanochat_core.tokenizer import Tokenizer
 
 RUNNER = ("from prefect import serve; from flows.serve import serve as serve_flow; "

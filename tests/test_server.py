@@ -20,12 +20,12 @@ import pytest
 import torch
 import uvicorn
 
-from nanochat_core import chat_cli, server
-from nanochat_core.chat_request import MAX_CHOICES, MAX_MESSAGE_CHARS, MAX_MESSAGES
 from nanochat_core.checkpoint import save_final_model
 from nanochat_core.engine import Engine
 from nanochat_core.gpt import GPT, GPTConfig
-from nanochat_core.server import ServeConfig, create_app
+from nanochat_core.serve import chat_cli, server
+from nanochat_core.serve.chat_request import MAX_CHOICES, MAX_MESSAGE_CHARS, MAX_MESSAGES
+from nanochat_core.serve.server import ServeConfig, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 256
@@ -448,7 +448,7 @@ def model_dir(model, tmp_path_factory) -> Path:
 def test_server_main_serves_a_saved_model(model_dir, tiny_tokenizer_dir, model, tokenizer):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_API_KEY": ""}
-    cmd = [sys.executable, "-m", "nanochat_core.server", "--model", str(model_dir), "--tokenizer",
+    cmd = [sys.executable, "-m", "nanochat_core.serve", "--model", str(model_dir), "--tokenizer",
            str(tiny_tokenizer_dir), "--port", str(port), "--device-type", "cpu", "--max-tokens", "5",
            "--num-replicas", "2", "--max-batch", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

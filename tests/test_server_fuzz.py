@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanochat_core.gpt import GPT, GPTConfig
-from nanochat_core.server import ServeConfig, create_app
+from nanochat_core.serve.server import ServeConfig, create_app
 from nanochat_core.tokenizer import Tokenizer
 
 STATUS: Counter = Counter()  # responses by status, over this module's run

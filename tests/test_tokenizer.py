@@ -15,15 +15,8 @@ import rustbpe
 from nanochat_core import tok_eval
 from nanochat_core.config import ConfigError
 from nanochat_core.data.sources import DataError
-from nanochat_core.tokenizer import (
-    SPECIAL_TOKENS,
-    SPLIT_PATTERN,
-    Tokenizer,
-    TokenizerConfig,
-    TokenizerError,
-    train_tokenizer,
-    training_texts,
-)
+from nanochat_core.tok_train import TokenizerConfig, train_bpe, train_tokenizer, training_texts
+from nanochat_core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError
 
 TEXTS = ["Hello world!", "naïve café, 你好世界, emoji 🙂👍🏽 and \u200b zero width", "", "   \n\n\t  x",
          "numbers 1234567 3.14159", "def f(x):\n    return x ** 2\n"]
@@ -194,8 +187,8 @@ def test_load_errors_name_the_file(tok, tmp_path):
 
 def test_train_from_iterator_vocab_size(shared_data):
     with pytest.raises(ValueError, match="vocab_size"):
-        Tokenizer.train_from_iterator(["hello"], 264)
-    small = Tokenizer.train_from_iterator(["hello world"] * 3, 265)  # bytes + specials, no merges
+        train_bpe(["hello"], 264)
+    small = train_bpe(["hello world"] * 3, 265)  # bytes + specials, no merges
     assert small.get_vocab_size() == 265 and small.decode(small.encode("héllo")) == "héllo"
     assert rustbpe.SPLIT_PATTERN == SPLIT_PATTERN
 
@@ -237,7 +230,7 @@ def test_training_texts_respect_caps_and_skip_val(shards_dir):
 
 def test_stage_cli_and_errors(shards_dir, tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "nanochat_core.tokenizer", "--shards", str(shards_dir), "--out", str(out),
+    cmd = [sys.executable, "-m", "nanochat_core.tok_train", "--shards", str(shards_dir), "--out", str(out),
            "--vocab-size", "300", "--max-chars", "20000"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -17,9 +17,9 @@ from nanochat_core.checkpoint import CheckpointError, latest_checkpoint, load_mo
 from nanochat_core.config import ConfigError
 from nanochat_core.gpt import GPT, config_for_depth
 from nanochat_core.loss_eval import evaluate_bpb, unigram_bpb
+from nanochat_core.stage_cli import PREEMPTED_EXIT_CODE
 from nanochat_core.train import base, mid, sft
 from nanochat_core.train.common import (
-    PREEMPTED_EXIT_CODE,
     grad_accum_steps,
     lr_multiplier,
     mid_lr_multiplier,

@@ -15,7 +15,7 @@ from conftest import CHROMIUM
 
 from nanochat_core.engine import Engine
 from nanochat_core.gpt import GPT, GPTConfig
-from nanochat_core.server import ServeConfig, create_app
+from nanochat_core.serve.server import ServeConfig, create_app
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 MAX_TOKENS = 24

@@ -11,8 +11,11 @@ import gzip
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from nanochat_core.errors import UserError
 
 DATA_ENV = "NANOCHAT_DATA"
 HF = "https://huggingface.co/datasets"
@@ -47,7 +50,7 @@ HF_SFT_SOURCES = [f"{HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-000
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Data is missing or malformed; the message names the file."""
 
 
@@ -141,3 +144,30 @@ def read_records(location: str) -> list[dict[str, Any]]:
 
 def read_dataset(name: str) -> list[dict[str, Any]]:
     return read_records(resolve(name))
+
+
+def find_shards(shards_dir: str | Path) -> list[Path]:
+    """The shard files in order (the last one is validation)."""
+    shards_dir = Path(shards_dir)
+    if not shards_dir.is_dir():
+        raise DataError(f"shards directory {shards_dir} does not exist")
+    paths = sorted(shards_dir.glob("shard_*.parquet"))
+    if len(paths) < 2:
+        raise DataError(f"{shards_dir} holds {len(paths)} shard_*.parquet file(s); need at least 2 (train + val)")
+    return paths
+
+
+def iter_documents(path: Path) -> Iterator[str]:
+    """The `text` column of a parquet shard, one row group at a time."""
+    import pyarrow.parquet as pq  # here: most users of this module never read a shard
+
+    try:
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise DataError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
+        for rg in range(pf.num_row_groups):
+            yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"cannot read parquet shard {path}: {e}") from e

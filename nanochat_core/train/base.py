@@ -21,18 +21,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat_core.common import DistInfo, init_distributed, print0
+from nanochat_core.common import DistInfo, init_distributed
 from nanochat_core.config import ConfigError, config_to_dict
 from nanochat_core.dataloader import PretrainLoader
-from nanochat_core.device import mfu_percent, peak_flops
+from nanochat_core.device import autocast_context, mfu_percent, peak_flops
 from nanochat_core.gpt import config_for_depth
 from nanochat_core.loss_eval import evaluate_bpb, unigram_bpb
+from nanochat_core.progress import print0
+from nanochat_core.stage_cli import training_main
 from nanochat_core.tokenizer import Tokenizer
 from nanochat_core.train.common import (
     Preemption,
     Session,
-    WandbLog,
-    autocast_context,
     check_device_type,
     config_optimizers,
     grad_accum_steps,
@@ -44,8 +44,8 @@ from nanochat_core.train.common import (
     optimizer_step,
     report_step,
     seed_everything,
-    training_main,
 )
+from nanochat_core.wandb_log import WandbLog
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""What the base, mid and SFT training loops share: schedules, gradient accumulation, autocast, preemption,
-checkpoint/resume, optional W&B logging and the CLI wrapper.
+"""What the base, mid and SFT training loops share: schedules, gradient accumulation, preemption and
+checkpoint/resume. (Autocast is in nanochat_core.device, W&B logging in nanochat_core.wandb_log, the command
+line in nanochat_core.stage_cli.)
 
 Preemption: SIGTERM (Prefect cancellation, a spot instance going away, torchrun passing on a signal) only sets
 a flag. At each step boundary the ranks agree on it (all_reduce MAX, so they all stop at the same step), save
@@ -15,15 +16,12 @@ updates on the same data as an uninterrupted one (bitwise on CPU).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import random
 import signal
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanochat_core.artifacts import atomic_write_bytes
 from nanochat_core.checkpoint import (
     CheckpointError,
     checkpoint_meta,
@@ -46,22 +43,17 @@ from nanochat_core.checkpoint import (
     save_final_model,
     verify_checkpoint_files,
 )
-from nanochat_core.common import DistInfo, cleanup_distributed, emit_checkpoint, emit_progress, print0
-from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
-from nanochat_core.data.sources import DataError
+from nanochat_core.common import DistInfo, cleanup_distributed
+from nanochat_core.config import ConfigError
+from nanochat_core.fileio import atomic_write_bytes
 from nanochat_core.gpt import GPT, GPTConfig
-from nanochat_core.tokenizer import TokenizerError
+from nanochat_core.progress import emit_checkpoint, emit_progress, print0
+from nanochat_core.stage_cli import Preempted
+from nanochat_core.wandb_log import WandbLog
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped by a signal, checkpoint saved, not finished"
 DEVICE_TYPES = ("", "cpu", "cuda", "mps")
 
 
-class Preempted(Exception):  # noqa: N818 - a signal, not an error
-    """Training stopped at a step boundary after SIGTERM; a checkpoint of that step was saved (if any)."""
-
-    def __init__(self, step: int, path: Path | None):
-        super().__init__(f"preempted at step {step}; checkpoint: {path or 'none (nothing trained yet)'}")
-        self.step, self.path = step, path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,11 +160,6 @@ def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int
     return total_batch_size // per_pass
 
 
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA; nothing (fp32) on CPU/MPS."""
-    if device.type == "cuda":
-        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -357,78 +344,12 @@ class Session:
 # ---------------------------------------------------------------------------------------------
 # W&B (optional: wandb is not a dependency)
 
-WANDB_MODES = ("online", "offline")
 
 
-@dataclass
-class WandbLog:
-    """Rank 0's W&B run when WANDB_MODE is online/offline and wandb is installed; otherwise every call is a no-op.
-
-    wandb is imported here, never at module top: it is optional. WANDB_MODE unset or "disabled" logs nothing;
-    asking for it without wandb installed (or with an unknown mode) prints one warning and training goes on."""
-
-    run: Any = None
-
-    @classmethod
-    def start(cls, project: str, config: dict, dist_info: DistInfo) -> WandbLog:
-        """Files go where wandb puts them (./wandb, or WANDB_DIR), never into the stage's artifact directory."""
-        mode = os.environ.get("WANDB_MODE", "").strip().lower()
-        if not dist_info.is_master or mode in ("", "disabled"):
-            return cls()
-        if mode not in WANDB_MODES:
-            print(f"warning: WANDB_MODE={mode!r} is not one of {WANDB_MODES} or 'disabled': not logging to W&B",
-                  file=sys.stderr, flush=True)
-            return cls()
-        try:
-            import wandb
-        except ImportError:
-            print(f"warning: WANDB_MODE={mode} but wandb is not installed (pip install wandb): not logging to W&B",
-                  file=sys.stderr, flush=True)
-            return cls()
-        return cls(wandb.init(project=project, config=config, mode=mode))
-
-    @property
-    def enabled(self) -> bool:
-        return self.run is not None
-
-    def log(self, step: int, **metrics) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
-
-    def __enter__(self) -> WandbLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.finish()
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[argparse.Namespace], dict]) -> None:
-    """Parse argv, call run(args); bad input exits 2 with a one-line error, preemption exits 143."""
-    args = parser.parse_args(argv)
-    try:
-        metrics = run(args)
-    except Preempted as e:
-        print0(f"{e}; rerun with the same --out to resume")
-        sys.exit(PREEMPTED_EXIT_CODE)
-    except (ConfigError, DataError, CheckpointError, TokenizerError) as e:
-        parser.exit(2, f"error: {e}\n")
-    print0(json.dumps(metrics))
 
 
-def training_main(argv: list[str] | None, doc: str, config_cls: type, inputs: tuple[tuple[str, str], ...],
-                  train: Callable[..., dict]) -> None:
-    """The CLI of a training stage: one required --<input> DIR per upstream, --out, and the config flags."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag, help_text in inputs:
-        parser.add_argument(f"--{flag}", required=True, help=help_text)
-    parser.add_argument("--out", required=True, help="output directory (resumes from its checkpoints)")
-    add_config_arguments(parser, config_cls)
-    run_cli(parser, argv, lambda a: train(config_from_args(config_cls, a), *(getattr(a, f) for f, _ in inputs), a.out))

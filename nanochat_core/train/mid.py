@@ -23,16 +23,17 @@ import torch
 import torch.distributed as dist
 
 from nanochat_core import tasks
-from nanochat_core.common import DistInfo, init_distributed, print0
+from nanochat_core.common import DistInfo, init_distributed
 from nanochat_core.config import ConfigError, config_to_dict
 from nanochat_core.dataloader import to_device_batch
+from nanochat_core.device import autocast_context
 from nanochat_core.loss_eval import evaluate
+from nanochat_core.progress import print0
+from nanochat_core.stage_cli import training_main
 from nanochat_core.tokenizer import Tokenizer
 from nanochat_core.train.common import (
     Preemption,
     Session,
-    WandbLog,
-    autocast_context,
     check_device_type,
     config_optimizers,
     grad_accum_steps,
@@ -44,8 +45,8 @@ from nanochat_core.train.common import (
     optimizer_step,
     report_step,
     seed_everything,
-    training_main,
 )
+from nanochat_core.wandb_log import WandbLog
 
 RENDER_MAX_TOKENS = 2048  # a conversation is cut at this many tokens (upstream's render default)
 

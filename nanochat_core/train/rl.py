@@ -35,15 +35,16 @@ import torch.distributed as dist
 
 from nanochat_core import tasks
 from nanochat_core.chat_eval import eval_subset, generation_budget, gsm8k_is_correct
-from nanochat_core.common import DistInfo, init_distributed, print0
+from nanochat_core.common import DistInfo, init_distributed
 from nanochat_core.config import ConfigError, config_to_dict
+from nanochat_core.device import autocast_context
 from nanochat_core.engine import Engine
+from nanochat_core.progress import print0
+from nanochat_core.stage_cli import training_main
 from nanochat_core.tokenizer import Tokenizer
 from nanochat_core.train.common import (
     Preemption,
     Session,
-    WandbLog,
-    autocast_context,
     check_device_type,
     config_optimizers,
     load_upstream_model,
@@ -52,8 +53,8 @@ from nanochat_core.train.common import (
     report_step,
     seed_everything,
     sft_lr_multiplier,
-    training_main,
 )
+from nanochat_core.wandb_log import WandbLog
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 
 from nanochat_core import tasks
-from nanochat_core.common import init_distributed, print0
+from nanochat_core.common import init_distributed
 from nanochat_core.config import ConfigError, config_to_dict
+from nanochat_core.device import autocast_context
 from nanochat_core.loss_eval import evaluate
+from nanochat_core.progress import print0
+from nanochat_core.stage_cli import training_main
 from nanochat_core.tokenizer import Tokenizer
 from nanochat_core.train.common import (
     Preemption,
     Session,
-    WandbLog,
-    autocast_context,
     check_device_type,
     config_optimizers,
     load_upstream_model,
@@ -39,8 +40,8 @@ from nanochat_core.train.common import (
     report_step,
     seed_everything,
     sft_lr_multiplier,
-    training_main,
 )
+from nanochat_core.wandb_log import WandbLog
 
 
 @dataclass(frozen=True)

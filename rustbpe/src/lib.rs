@@ -5,7 +5,7 @@
 //!     tok.train_from_iterator(iterator, vocab_size, buffer_size=8192, pattern=None)
 //!     tok.get_pattern(); tok.get_mergeable_ranks()  # [(bytes, rank)] in rank order
 //!     tok.encode(text); tok.batch_encode(texts); tok.decode(ids); tok.batch_decode(batch); tok.vocab_size
-//!     rustbpe.SPLIT_PATTERN (nanochat's, the default here), rustbpe.GPT4_PATTERN (the wheel's default)
+//!     rustbpe.GPT4_PATTERN (the default, as in the wheel), rustbpe.SPLIT_PATTERN (nanochat's: pass it)
 //!
 //! For the same text, vocab size and pattern, the ranks equal the wheel's byte for byte (the same rule:
 //! most frequent pair, ties to the smallest pair), about 5x faster: GPT-4-style patterns are split by a
@@ -32,8 +32,9 @@ fn compile(pattern: &str) -> PyResult<Splitter> {
     Splitter::new(pattern).map_err(PyValueError::new_err)
 }
 
-/// A trained byte-level BPE tokenizer. A fresh one has no merges (every byte is its own token) and
-/// nanochat's split pattern.
+/// A trained byte-level BPE tokenizer. A fresh one has no merges (every byte is its own token) and GPT-4's
+/// split pattern (the wheel's fresh one has an empty pattern, which encodes every text to []; with no merges
+/// any pattern gives the same byte tokens, so ours keeps the one default instead).
 #[pyclass(module = "rustbpe")]
 pub struct Tokenizer {
     /// Merged pairs in training order: merges[i] created token 256 + i.
@@ -133,13 +134,17 @@ fn refill<'py>(
 impl Tokenizer {
     #[new]
     fn new() -> PyResult<Self> {
-        Ok(Self::from_merges(Vec::new(), compile(SPLIT_PATTERN)?))
+        Ok(Self::from_merges(Vec::new(), compile(GPT4_PATTERN)?))
     }
 
     /// Train on an iterator of str: strings are pulled `buffer_size` at a time under the GIL, then split
     /// and counted in parallel without it. `vocab_size` = 256 bytes + merges (fewer merges if the text runs
-    /// out of pairs). `pattern=None` uses nanochat's split pattern. On error the tokenizer is unchanged.
+    /// out of pairs). `pattern=None` uses GPT-4's split pattern, the wheel's default, so that code written
+    /// for the wheel trains the same tokenizer here (nanochat passes its SPLIT_PATTERN explicitly). On error
+    /// the tokenizer is unchanged.
     #[pyo3(signature = (iterator, vocab_size, buffer_size=8192, pattern=None))]
+    // The wheel's text signature, so that inspect.signature shows the same (pyo3's own marks self "/").
+    #[pyo3(text_signature = "(self, iterator, vocab_size, buffer_size=8192, pattern=None)")]
     fn train_from_iterator(
         &mut self,
         py: Python<'_>,
@@ -158,7 +163,7 @@ impl Tokenizer {
                 "buffer_size must be >= 1, got {buffer_size}"
             )));
         }
-        let splitter = compile(pattern.as_deref().unwrap_or(SPLIT_PATTERN))?;
+        let splitter = compile(pattern.as_deref().unwrap_or(GPT4_PATTERN))?;
         let mut it = iterator.try_iter()?;
 
         let mut counts: AHashMap<String, i64> = AHashMap::new();
@@ -246,13 +251,13 @@ impl Tokenizer {
     }
 }
 
-/// For tests: the pieces `text` splits into with `pattern` (default nanochat's), by the splitter that
-/// training and encoding use (`reference=False`: the hand-written scanner for the GPT-4 patterns) or by
-/// fancy-regex (`reference=True`).
+/// For tests: the pieces `text` splits into with `pattern` (default GPT-4's, as in training), by the
+/// splitter that training and encoding use (`reference=False`: the hand-written scanner for the GPT-4
+/// patterns) or by fancy-regex (`reference=True`).
 #[pyfunction]
 #[pyo3(signature = (text, pattern=None, reference=false))]
 fn _split(text: &str, pattern: Option<&str>, reference: bool) -> PyResult<Vec<String>> {
-    let splitter = compile(pattern.unwrap_or(SPLIT_PATTERN))?;
+    let splitter = compile(pattern.unwrap_or(GPT4_PATTERN))?;
     let mut pieces = Vec::new();
     let push = |p: &str| pieces.push(p.to_string());
     let result = if reference {

@@ -5,9 +5,8 @@ manifest lists every file (size, sha256), the stage, its config, the upstream di
 and headline metrics. A directory without a manifest is incomplete: readers ignore it and the stage
 resumes in it (training keeps its checkpoints there) or replaces it.
 
-The cache key hashes (stage, config, upstream digests, code version). The code version hashes the source
-of every nanochat_core module the stage's entry module imports (transitively), plus the Rust sources
-when the stage uses rustbpe, so editing the model re-runs training but editing the server does not.
+The cache key hashes (stage, config, upstream digests, code version); nanochat_core.pipeline.identity says
+which code that is.
 
 Stores are local paths or any fsspec URL (s3://...). Stages always compute in a local directory; for a
 remote store `publish` uploads the files and then the manifest, so no reader sees half an artifact, and
@@ -17,22 +16,22 @@ the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCE
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanochat_core.fileio import atomic_write_bytes, sha256_file, sha256_json
+
 MANIFEST = "MANIFEST.json"
 INPUTS = ".inputs.json"  # a stage's upstream refs, in its work dir while it computes (hidden: not in the manifest)
 CHECKPOINT_FILES = ("model.pt", "meta.json")  # what loading a model reads
-PACKAGE_ROOT = Path(__file__).resolve().parent
-RUST_SRC = PACKAGE_ROOT.parent / "rustbpe" / "src"
 
 
 class ArtifactError(RuntimeError):
@@ -55,82 +54,6 @@ class ArtifactRef:
 
 
 # ---------------------------------------------------------------------------------------------
-# hashing and keys
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _module_file(module: str) -> Path | None:
-    parts = module.split(".")[1:]
-    if not parts:
-        return PACKAGE_ROOT / "__init__.py"
-    rel = Path(*parts)
-    for candidate in (PACKAGE_ROOT / rel.with_suffix(".py"), PACKAGE_ROOT / rel / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _imported_modules(path: Path, module: str) -> set[str]:
-    """nanochat_core modules (and 'rustbpe') that a source file imports."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                parts = parts[: len(parts) - node.level + 1]
-                base = ".".join(parts + ([base] if base else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        for name in names:
-            if name.startswith("nanochat_core") or name == "rustbpe":
-                found.add(name)
-    return found
-
-
-def code_version(entry_module: str) -> str:
-    """Hash of the source of `entry_module` and every nanochat_core module it reaches by imports."""
-    seen: set[str] = set()
-    files: dict[str, str] = {}
-    todo = [entry_module]
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        if module == "rustbpe":
-            for rs in sorted(RUST_SRC.glob("*.rs")) if RUST_SRC.is_dir() else []:
-                files[f"rustbpe/{rs.name}"] = sha256_file(rs)
-            continue
-        path = _module_file(module)
-        if path is None:
-            continue  # `from pkg import name` where name is not a module
-        files[module] = sha256_file(path)
-        todo.extend(_imported_modules(path, module))
-    return sha256_json(sorted(files.items()))[:16]
-
-
-def cache_key(stage: str, config: dict[str, Any], upstream: dict[str, str], code: str) -> str:
-    return sha256_json({"stage": stage, "config": config, "upstream": upstream, "code": code})[:20]
-
-
-# ---------------------------------------------------------------------------------------------
 # stores
 
 
@@ -150,6 +73,29 @@ def join_uri(base: str, *parts: str) -> str:
     if is_remote(base):
         return "/".join([base.rstrip("/"), *parts])
     return str(local_path(base).joinpath(*parts))
+
+
+def store_of(uri: str) -> str:
+    """The store an artifact (<store>/<stage>/<key>) or a checkpoint in it (.../checkpoints/step_N) belongs to."""
+    parts = uri.rstrip("/").split("/")
+    depth = 4 if len(parts) >= 2 and parts[-2] == "checkpoints" else 2
+    return "/".join(parts[:-depth])
+
+
+def relative_to_store(uri: str, store: str) -> str:
+    """`uri` as a path inside `store` ("tokenizer/<key>") when it lies there, else unchanged: what manifests record,
+    so that a store can be moved or copied and still name its own artifacts."""
+    root = store.rstrip("/") + "/"
+    if uri.startswith(root):
+        return uri[len(root):]
+    return uri if is_remote(uri) else str(local_path(uri).resolve())  # elsewhere: a full path, never a relative one
+
+
+def resolve_in_store(uri: str, store: str) -> str:
+    """Inverse of relative_to_store: a recorded path inside the store as a full URI (absolute ones unchanged)."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return join_uri(store, *uri.split("/"))
 
 
 def storage_options(uri: str, secrets: bool = True) -> dict[str, Any]:
@@ -221,22 +167,6 @@ def default_cache_root() -> Path:
 # manifests
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def list_files(root: Path) -> list[str]:
@@ -257,11 +187,16 @@ def write_manifest(
     code: str,
     metrics: dict[str, Any] | None = None,
     inputs: dict[str, str] | None = None,
+    code_modules: dict[str, str] | None = None,
+    reused: dict[str, str] | None = None,
 ) -> str:
     """Hash every file under local_dir and write MANIFEST.json last. Returns the manifest digest.
 
     `upstream` maps each input flag to its manifest digest (part of the identity); `inputs` maps it to the
-    upstream URI (where to find e.g. the tokenizer of a model; not part of the identity)."""
+    upstream's place (where to find e.g. the tokenizer of a model; store-relative, see relative_to_store);
+    `code_modules` the per-module hashes of the stage's code (so a later run can say which module changed).
+    `reused` names the upstream artifacts pinned with --reuse that this one is built on (recorded only when any).
+    Nothing in it says when or where the stage ran: the same result gives the same digest."""
     root = Path(local_dir)
     files = {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in list_files(root)}
     manifest = {
@@ -270,6 +205,8 @@ def write_manifest(
         "upstream": upstream,
         "inputs": inputs or {},
         "code_version": code,
+        "code_modules": code_modules or {},
+        **({"reused": reused} if reused else {}),
         "metrics": metrics or {},
         "files": files,
     }
@@ -295,11 +232,42 @@ def read_manifest_bytes(uri: str) -> bytes | None:
     return read_artifact_file(uri, MANIFEST)
 
 
+def parse_manifest(data: bytes, uri: str) -> dict[str, Any]:
+    """A manifest's record, checked for shape: a damaged one (not JSON, not an object, no file list) is an
+    ArtifactError naming the file, like any other damage, never a raw JSON or type error."""
+    where = join_uri(uri, MANIFEST)
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{where} is damaged: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{where} is damaged: a JSON {type(manifest).__name__}, not a manifest object")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)
+            for info in files.values()):
+        raise ArtifactError(f"{where} is damaged: no valid 'files' list (name -> size, sha256)")
+    return manifest
+
+
 def read_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of an artifact; ArtifactError naming it when it is missing or damaged."""
     data = read_manifest_bytes(uri)
     if data is None:
         raise ArtifactError(f"artifact {uri} is incomplete: it has no {MANIFEST}")
-    return json.loads(data)
+    return parse_manifest(data, uri)
+
+
+def manifest_or_none(uri: str, warn: bool = True) -> dict[str, Any] | None:
+    """The manifest, or None when it is missing or damaged (a damaged one is reported once on stderr when `warn`)."""
+    try:
+        return read_manifest(uri)
+    except StoreError:
+        raise
+    except ArtifactError as e:
+        if warn and read_manifest_bytes(uri) is not None:
+            print(f"warning: {e}; treating the artifact as missing", file=sys.stderr, flush=True)
+        return None
 
 
 def verify_artifact(uri: str, digest: str | None = None, deep: bool = False) -> ArtifactRef:
@@ -310,7 +278,7 @@ def verify_artifact(uri: str, digest: str | None = None, deep: bool = False) -> 
     actual = hashlib.sha256(data).hexdigest()
     if digest is not None and actual != digest:
         raise ArtifactError(f"artifact {uri}: manifest digest {actual[:12]} differs from the expected {digest[:12]}")
-    files = json.loads(data)["files"]
+    files = parse_manifest(data, uri)["files"]
     if is_remote(uri):
         _verify_remote_files(uri, files, deep)
     else:
@@ -348,6 +316,25 @@ def verify_input(ref: ArtifactRef) -> None:
             raise ArtifactError(f"checkpoint {ref.uri} changed since it was referenced (content digest mismatch)")
         return
     verify_artifact(ref.uri, ref.digest, deep=True)
+
+
+def list_artifacts(store: str, stage: str) -> list[str]:
+    """URIs of the stage's artifacts that have a manifest, newest manifest first."""
+    if not is_remote(store):
+        found = [(p.stat().st_mtime, str(p.parent)) for p in (local_path(store) / stage).glob(f"*/{MANIFEST}")]
+        return [uri for _, uri in sorted(found, reverse=True)]
+    fs = filesystem(store)
+    with store_errors(store, f"listing the {stage} artifacts"):
+        try:
+            infos = fs.glob(join_uri(store, stage, "*", MANIFEST), detail=True)
+        except FileNotFoundError:
+            return []
+    found = []
+    for path, info in infos.items():
+        when = info.get("LastModified") or info.get("mtime") or 0
+        when = when.timestamp() if hasattr(when, "timestamp") else float(when)
+        found.append((when, join_uri(store, stage, path.rstrip("/").split("/")[-2])))
+    return [uri for _, uri in sorted(found, reverse=True)]
 
 
 def find_artifact(store: str, stage: str, key: str, deep: bool = False) -> ArtifactRef | None:
@@ -542,7 +529,7 @@ def materialize(ref: ArtifactRef, cache_root: str | Path | None = None) -> Path:
         raise ArtifactError(f"artifact {ref.uri} is incomplete: it has no {MANIFEST}")
     if hashlib.sha256(manifest_bytes).hexdigest() != ref.digest:
         raise ArtifactError(f"artifact {ref.uri} changed: its manifest no longer matches digest {ref.digest[:12]}")
-    files = json.loads(manifest_bytes)["files"]
+    files = parse_manifest(manifest_bytes, ref.uri)["files"]
     dest = Path(cache_root or default_cache_root()) / ref.digest[:20]
     for local in (_staged_copy(ref.uri), dest):
         if _is_copy_of(local, manifest_bytes, files):

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanochat_core.device import autocast_context
 from nanochat_core.engine import Engine, RowState
 from nanochat_core.gpt import SOFTCAP, apply_rotary_emb, attention, norm
-from nanochat_core.train.common import autocast_context
 
 logger = logging.getLogger("nanochat.batching")
 

@@ -32,16 +32,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from nanochat_core.artifacts import (
-    INPUTS,
-    ArtifactError,
-    StoreError,
-    default_cache_root,
-    filesystem,
-    join_uri,
-    remote_listing,
-    store_errors,
-)
 from nanochat_core.checkpoint import (
     CHECKPOINTS,
     COMPLETE,
@@ -51,7 +41,17 @@ from nanochat_core.checkpoint import (
     step_of,
     verify_checkpoint_files,
 )
-from nanochat_core.common import checkpoint_line, parse_structured_line
+from nanochat_core.pipeline.artifacts import (
+    INPUTS,
+    ArtifactError,
+    StoreError,
+    default_cache_root,
+    filesystem,
+    join_uri,
+    remote_listing,
+    store_errors,
+)
+from nanochat_core.progress import checkpoint_line, parse_structured_line
 
 
 def remote_checkpoints(uri: str) -> list[tuple[int, str]]:

@@ -1,6 +1,6 @@
 """The chat server: a web UI, nanochat's streaming API and an OpenAI-compatible API over one model.
 
-    python -m nanochat_core.server --model DIR --tokenizer DIR [--host 127.0.0.1] [--port 8000]
+    python -m nanochat_core.serve --model DIR --tokenizer DIR [--host 127.0.0.1] [--port 8000]
         [--temperature 0.8] [--top-k 50] [--max-tokens 512] [--device-type cuda|cpu|mps] [--api-key KEY]
         [--num-replicas 0] [--max-batch 32]
 
@@ -43,10 +43,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from nanochat_core.batching import Job, Replica, Router, build_router
-from nanochat_core.chat_request import ChatRequest, RequestError, StopText, parse_chat_request
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
 from nanochat_core.engine import IncrementalDecoder
+from nanochat_core.serve.batching import Job, Replica, Router, build_router
+from nanochat_core.serve.chat_request import ChatRequest, RequestError, StopText, parse_chat_request
 
 logger = logging.getLogger("nanochat.server")
 
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     from nanochat_core.common import autodetect_device_type
     from nanochat_core.tokenizer import Tokenizer
 
-    parser = argparse.ArgumentParser(prog="python -m nanochat_core.server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m nanochat_core.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory (model.pt + meta.json)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory")

@@ -1,6 +1,6 @@
 """Chat with a model in the terminal.
 
-    python -m nanochat_core.chat_cli --model DIR --tokenizer DIR [-p PROMPT]
+    python -m nanochat_core.serve.chat_cli --model DIR --tokenizer DIR [-p PROMPT]
         [--temperature 0.6] [--top-k 50] [--max-tokens 256] [--seed N] [--device-type cpu|cuda|mps]
 
 With -p it answers that one prompt and exits. Otherwise it is a REPL: type a message; 'clear' starts a new
@@ -17,8 +17,8 @@ from typing import TextIO
 
 import torch
 
+from nanochat_core.device import autocast_context
 from nanochat_core.engine import Engine, IncrementalDecoder
-from nanochat_core.train.common import autocast_context
 
 
 class Conversation:
@@ -59,7 +59,7 @@ class Conversation:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.chat_cli", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.serve.chat_cli", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (model.pt + meta.json)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from nanochat_core.artifacts import atomic_write_bytes
+from nanochat_core.fileio import atomic_write_bytes
 
 STAGE_ORDER = ("shards", "tokenizer", "base", "base_eval", "mid", "mid_eval", "sft", "sft_eval", "rl", "rl_eval")
 STAGE_TITLES = {
@@ -99,7 +99,7 @@ def bullet_list(items: dict[str, Any]) -> list[str]:
 
 def git_info() -> dict[str, str]:
     """Commit and dirty flag of the checkout this code runs from, or {} when it is not a git checkout."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
@@ -155,7 +155,13 @@ def stage_section(name: str, stage: dict[str, Any], curve: str | None = None) ->
     lines = [f"## {STAGE_TITLES.get(name, name)}", ""]
     seconds = stage.get("seconds")
     timing = format_duration(seconds) if isinstance(seconds, (int, float)) else "-"
-    lines.append(f"wall time: {timing}" + (" (cached: reused from an earlier run)" if stage.get("cached") else ""))
+    if stage.get("reused"):
+        note = " (reused with --reuse: kept at its newest artifact although its key changed)"
+    elif stage.get("cached"):
+        note = " (cached: reused from an earlier run)"
+    else:
+        note = ""
+    lines.append(f"wall time: {timing}{note}")
     config = stage.get("config") or {}
     wanted = CONFIG_HIGHLIGHTS.get(stage.get("stage", name))
     shown = {k: config[k] for k in wanted if k in config} if wanted is not None else dict(config)
@@ -227,9 +233,12 @@ def render_report(run: dict[str, Any], system: dict[str, str] | None = None) -> 
     for name in ordered_stages(stages):
         lines += stage_section(name, stages[name] or {}, curves.get(name))
     cached = sum(1 for s in stages.values() if (s or {}).get("cached"))
+    reused = [name for name in ordered_stages(stages) if (stages[name] or {}).get("reused")]
     lines += ["## Summary", "", *summary_table(summary_evals(run), phase_seconds(run)), ""]
     lines.append(f"Total wall clock time: {format_duration(total_seconds(run))}"
                  + (f" ({cached} of {len(stages)} stages cached)" if cached else ""))
+    if reused:
+        lines.append(f"Reused with --reuse (not recomputed although their code or config changed): {', '.join(reused)}")
     return "\n".join(lines) + "\n"
 
 

@@ -10,10 +10,11 @@ returns validated config objects, with errors that name the preset, stage or fie
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
-from nanochat_core.config import ConfigError
-from nanochat_core.data.sources import IDENTITY_URL
+from nanochat_core.config import ConfigError, config_to_dict
+from nanochat_core.data.sources import DATA_ENV, IDENTITY_URL, data_root
 
 _TINY: dict[str, dict[str, Any]] = {
     "shards": {"num_shards": -1},
@@ -58,7 +59,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 def preset_values(preset: str, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """The preset's stage values with overrides applied (no validation of field names yet)."""
-    from nanochat_core.stages import STAGES
+    from nanochat_core.pipeline.stages import STAGES
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -74,7 +75,7 @@ def preset_values(preset: str, overrides: dict[str, dict[str, Any]] | None = Non
 
 def build_configs(preset: str, overrides: dict[str, dict[str, Any]] | None = None, rl: bool = False) -> dict[str, Any]:
     """Validated config objects for the stages of the pipeline (its eval nodes share the "eval" one)."""
-    from nanochat_core.stages import make_config, pipeline
+    from nanochat_core.pipeline.stages import make_config, pipeline
 
     values = preset_values(preset, overrides)
     stages = dict.fromkeys(node.stage for node in pipeline(rl))
@@ -94,3 +95,18 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     except json.JSONDecodeError:
         value = raw
     return stage, field, value
+
+
+def resolve_data(data: str | None) -> str:
+    """The data mirror for this run (explicit, else $NANOCHAT_DATA, else "" = Hugging Face), checked."""
+    if data:
+        os.environ[DATA_ENV] = data
+    return data_root() or ""  # raises DataError with the path when the directory is missing
+
+
+def stage_configs(preset: str, overrides: dict[str, dict[str, Any]] | None, data: str,
+                  rl: bool = False) -> dict[str, dict[str, Any]]:
+    """Every stage's validated config, as a dict, for a run of `preset` with `overrides` on the data `data`."""
+    values = preset_values(preset, overrides)
+    values.setdefault("shards", {}).setdefault("source", data)  # the shards are read from there (keyed by content)
+    return {stage: config_to_dict(cfg) for stage, cfg in build_configs(preset, values, rl=rl).items()}

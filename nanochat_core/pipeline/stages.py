@@ -11,6 +11,7 @@ the process output into logs, progress and events).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import importlib
 import json
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanochat_core import artifacts
-from nanochat_core.artifacts import ArtifactError, ArtifactRef
-from nanochat_core.config import config_from_dict, config_to_dict
-from nanochat_core.launch import Nodes, python_command, run_streaming, torchrun_command
+from nanochat_core.config import ConfigError, config_from_dict, config_to_dict
+from nanochat_core.fileio import sha256_file, sha256_json
+from nanochat_core.pipeline import artifacts, identity
+from nanochat_core.pipeline.artifacts import ArtifactError, ArtifactRef
+from nanochat_core.pipeline.launch import Nodes, python_command, run_streaming, torchrun_command
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class StageSpec:
     config_class: str  # attribute of `module`
     inputs: tuple[str, ...]  # CLI flags naming upstream artifacts
     distributed: bool  # launched with torchrun
+    # config fields that name a local file or directory the stage reads (with the part of a directory it reads):
+    # they enter the key by content, not by path, so an edit in place re-runs the stage and a move does not
+    content_fields: tuple[tuple[str, str], ...] = ()
 
     def config_cls(self) -> type:
         return getattr(importlib.import_module(self.module), self.config_class)
@@ -42,11 +47,13 @@ class StageSpec:
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
-        StageSpec("shards", "nanochat_core.data.shards", "ShardsConfig", (), False),
-        StageSpec("tokenizer", "nanochat_core.tokenizer", "TokenizerConfig", ("shards",), False),
+        StageSpec("shards", "nanochat_core.data.shards", "ShardsConfig", (), False, (("source", "pretrain"),)),
+        StageSpec("tokenizer", "nanochat_core.tok_train", "TokenizerConfig", ("shards",), False),
         StageSpec("base", "nanochat_core.train.base", "BaseTrainConfig", ("shards", "tokenizer"), True),
-        StageSpec("mid", "nanochat_core.train.mid", "MidTrainConfig", ("base", "tokenizer"), True),
-        StageSpec("sft", "nanochat_core.train.sft", "SFTConfig", ("mid", "tokenizer"), True),
+        StageSpec("mid", "nanochat_core.train.mid", "MidTrainConfig", ("base", "tokenizer"), True,
+                  (("identity_conversations", ""),)),
+        StageSpec("sft", "nanochat_core.train.sft", "SFTConfig", ("mid", "tokenizer"), True,
+                  (("identity_conversations", ""),)),
         StageSpec("rl", "nanochat_core.train.rl", "RLConfig", ("model", "tokenizer"), True),
         StageSpec("eval", "nanochat_core.eval", "EvalConfig", ("model", "tokenizer"), True),
     ]
@@ -81,14 +88,32 @@ def pipeline(rl: bool = False) -> list[Node]:
 
 @dataclass(frozen=True)
 class StagePlan:
+    """Everything about one stage run that is decided before it runs: computed once per stage per run, then
+    passed along (to the Prefect task as a dict, to the process as its --config)."""
     stage: str
     key: str
     uri: str  # final location in the store
     work_dir: Path  # local directory the process computes in
     code_version: str
-    config: dict[str, Any]
+    config: dict[str, Any]  # what the process runs with (paths as given)
     upstream: dict[str, str]  # CLI flag -> upstream manifest digest
     input_uris: dict[str, str]  # CLI flag -> upstream URI
+    code_modules: dict[str, str]  # module -> normalized-source hash (identity.module_hashes)
+    identity_config: dict[str, Any]  # config as it enters the key and manifest (content fields by content digest)
+    reused: dict[str, str] = dataclasses.field(default_factory=dict)  # pinned upstream node -> its artifact (--reuse)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "work_dir": str(self.work_dir)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StagePlan:
+        return cls(**{**d, "work_dir": Path(d["work_dir"])})
+
+
+def with_reused(plan: StagePlan, reused: dict[str, str]) -> StagePlan:
+    """The plan of a stage built on artifacts pinned by --reuse: its manifest records them (its key does not change:
+    it keys on their digests like on any upstream)."""
+    return dataclasses.replace(plan, reused=dict(reused))
 
 
 def make_config(stage: str, values: dict[str, Any] | None = None) -> Any:
@@ -98,18 +123,52 @@ def make_config(stage: str, values: dict[str, Any] | None = None) -> Any:
     return config_from_dict(STAGES[stage].config_cls(), values or {})
 
 
-def plan_stage(stage: str, config: Any, inputs: dict[str, ArtifactRef], store: str) -> StagePlan:
+def content_digest(value: str, part: str) -> str | None:
+    """sha256 of what a config field names: a local file's bytes, or a local directory's files (under `part`) by
+    relative path and content. None for "" and URLs (those are keyed by the value itself)."""
+    if not value or "://" in value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return sha256_file(path)
+    root = path / part if part else path
+    if path.is_dir() and root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return sha256_json({p.relative_to(root).as_posix(): sha256_file(p) for p in files})
+    raise ConfigError(f"{value!r} does not exist (no such file or directory{f' {root}' if part else ''})")
+
+
+def identity_config(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The config as it enters the key and the manifest: each content field (a local path) replaced by the
+    sha256 of what it names, so that where a file lies is not part of what a stage is."""
+    out = dict(config)
+    for name, part in STAGES[stage].content_fields:
+        try:
+            digest = content_digest(config.get(name, ""), part)
+        except ConfigError as e:
+            raise ConfigError(f"{stage}.{name}: {e}") from None
+        if digest is not None:
+            out[name] = f"sha256:{digest}"
+    return out
+
+
+def plan_stage(stage: str, config: Any, inputs: dict[str, ArtifactRef], store: str,
+               code_modules: dict[str, str] | None = None) -> StagePlan:
+    """The stage's plan. `code_modules` (identity.module_hashes of the stage's module) may be passed when the caller
+    plans many stages, so the source is read once per run."""
     spec = STAGES[stage]
     missing = [flag for flag in spec.inputs if flag not in inputs]
     if missing:
         raise ValueError(f"stage {stage} needs inputs {missing}")
-    cfg = config_to_dict(config)
+    cfg = config if isinstance(config, dict) else config_to_dict(config)
+    ident = identity_config(stage, cfg)
     upstream = {flag: inputs[flag].digest for flag in spec.inputs}
-    code = artifacts.code_version(spec.module)
-    key = artifacts.cache_key(stage, cfg, upstream, code)
+    modules = code_modules if code_modules is not None else identity.module_hashes(spec.module)
+    code = identity.code_version(modules)
+    key = identity.cache_key(stage, ident, upstream, code)
     input_uris = {flag: inputs[flag].uri for flag in spec.inputs}
     return StagePlan(stage, key, artifacts.join_uri(store, stage, key), artifacts.staging_dir(store, stage, key),
-                     code, cfg, upstream, input_uris)
+                     code, cfg, upstream, input_uris, modules, ident)
 
 
 def find_done(plan: StagePlan, deep: bool = False) -> ArtifactRef | None:
@@ -151,8 +210,11 @@ def commit(plan: StagePlan) -> ArtifactRef:
     """Write the manifest (last) for a finished work dir and publish it to the store."""
     metrics_path = plan.work_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    digest = artifacts.write_manifest(plan.work_dir, plan.stage, plan.config, plan.upstream, plan.code_version,
-                                      metrics, inputs=plan.input_uris)
+    store = artifacts.store_of(plan.uri)
+    inputs = {flag: artifacts.relative_to_store(uri, store) for flag, uri in plan.input_uris.items()}
+    digest = artifacts.write_manifest(plan.work_dir, plan.stage, plan.identity_config, plan.upstream,
+                                      plan.code_version, metrics, inputs=inputs, code_modules=plan.code_modules,
+                                      reused=plan.reused)
     artifacts.publish(plan.work_dir, plan.uri)
     return ArtifactRef(plan.uri, digest)
 
@@ -207,13 +269,15 @@ def execute(
     try:
         (plan.work_dir / artifacts.MANIFEST).unlink(missing_ok=True)  # being (re)computed: incomplete
         # so that a checkpoint in this directory can be traced to its inputs (the tokenizer) before it is done
-        artifacts.atomic_write_bytes(plan.work_dir / artifacts.INPUTS,
-                                     json.dumps({flag: ref.to_dict() for flag, ref in inputs.items()}).encode())
+        store = artifacts.store_of(plan.uri)
+        recorded = {flag: {"uri": artifacts.relative_to_store(ref.uri, store), "digest": ref.digest}
+                    for flag, ref in inputs.items()}
+        artifacts.atomic_write_bytes(plan.work_dir / artifacts.INPUTS, json.dumps(recorded).encode())
         if not (artifacts.is_remote(plan.uri) and plan.stage in MODEL_STAGES):
             run_process(plan, inputs, nproc, on_line, timeout, nodes)
             return commit(plan)
         # a remote store holds the stage's checkpoints too: resume from them on any machine
-        from nanochat_core import remote_checkpoints  # torch comes with it: only for training stages
+        from nanochat_core.pipeline import remote_checkpoints  # torch comes with it: only for training stages
 
         say = on_line or print
         fetched = remote_checkpoints.fetch_newest(plan.uri, plan.work_dir, say)
@@ -262,7 +326,7 @@ def find_models(store: str) -> list[str]:
 def _find_remote_models(store: str) -> list[str]:
     """find_models of an s3:// (or other remote) store, from one listing per training stage."""
     from nanochat_core.checkpoint import CHECKPOINTS
-    from nanochat_core.remote_checkpoints import complete_in_listing
+    from nanochat_core.pipeline.remote_checkpoints import complete_in_listing
 
     fs = artifacts.filesystem(store)
     found = []
@@ -309,7 +373,7 @@ def local_model(model: str | Path) -> Path:
     if not artifacts.is_remote(model):
         return Path(artifacts.local_path(model))
     if is_checkpoint(model):
-        from nanochat_core.remote_checkpoints import cached_checkpoint
+        from nanochat_core.pipeline.remote_checkpoints import cached_checkpoint
 
         return cached_checkpoint(model)
     return artifacts.materialize(artifacts.verify_artifact(model))
@@ -331,14 +395,17 @@ def model_tokenizer(model: str | Path) -> ArtifactRef:
     places = [model]
     if is_checkpoint(model):
         places.append(model.rsplit("/", 2)[0])
+    store = artifacts.store_of(model)
     for place in places:
-        manifest = artifacts.read_manifest_bytes(place)
-        if manifest is not None:
-            m = json.loads(manifest)
-            if "tokenizer" in m.get("inputs", {}) and "tokenizer" in m.get("upstream", {}):
-                return ArtifactRef(m["inputs"]["tokenizer"], m["upstream"]["tokenizer"])
+        m = artifacts.manifest_or_none(place, warn=False)
+        if m is not None and "tokenizer" in m.get("inputs", {}) and "tokenizer" in m.get("upstream", {}):
+            return ArtifactRef(artifacts.resolve_in_store(m["inputs"]["tokenizer"], store), m["upstream"]["tokenizer"])
         recorded = artifacts.read_artifact_file(place, artifacts.INPUTS)
-        if recorded is not None and "tokenizer" in json.loads(recorded):
-            return ArtifactRef.from_dict(json.loads(recorded)["tokenizer"])
+        try:
+            tok = json.loads(recorded)["tokenizer"] if recorded is not None else None
+        except (ValueError, TypeError, KeyError):
+            tok = None
+        if isinstance(tok, dict) and isinstance(tok.get("uri"), str) and isinstance(tok.get("digest"), str):
+            return ArtifactRef(artifacts.resolve_in_store(tok["uri"], store), tok["digest"])
     raise ArtifactError(f"cannot tell which tokenizer {model} was trained with: no manifest or "
                         f"{artifacts.INPUTS} naming one beside it; is it a model of a nanochat store?")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from fastapi.responses import JSONResponse
 
 if TYPE_CHECKING:
-    from nanochat_core.server import ServeConfig
+    from nanochat_core.serve.server import ServeConfig
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000

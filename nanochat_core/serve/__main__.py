@@ -1,0 +1,3 @@
+from nanochat_core.serve.server import main
+
+main()
