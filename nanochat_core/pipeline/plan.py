@@ -74,7 +74,7 @@ def _input_stages(manifest: dict[str, Any], store: str) -> dict[str, str]:
     recorded them by full path)."""
     out = {}
     for flag, uri in (manifest.get("inputs") or {}).items():
-        rel = artifacts.relative_to_store(str(uri), store)
+        rel = artifacts.relative_to_store(artifacts.resolve_in_store(str(uri), store), store)
         parts = rel.split("/")
         if "://" not in rel and not rel.startswith("/") and len(parts) == 2:
             out[flag] = parts[0]
