@@ -20,22 +20,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_flows import MICRO
+from test_flows import STAGES as NODES
 
 from nanochat_core.pipeline import artifacts, plan
 from nanochat_core.pipeline.presets import stage_configs
 
 REPO = Path(__file__).resolve().parents[1]
-MICRO = {
-    "tokenizer": {"vocab_size": 512, "max_chars": 1_000_000},
-    "base": {"depth": 2, "max_seq_len": 64, "device_batch_size": 8, "total_batch_size": 512,
-             "num_iterations": 12, "eval_every": 12, "eval_tokens": 2048, "save_every": 6},
-    "mid": {"num_iterations": 4, "max_seq_len": 64, "device_batch_size": 8, "total_batch_size": 512,
-            "eval_every": 4, "eval_steps": 1, "save_every": 4, "max_examples": 200},
-    "sft": {"num_iterations": 3, "max_seq_len": 64, "device_batch_size": 4, "examples_per_step": 8,
-            "eval_every": 3, "eval_steps": 1, "save_every": 3, "max_examples": 100},
-    "eval": {"max_per_task": 1, "max_new_tokens": 8},
-}
-NODES = ["shards", "tokenizer", "base", "base_eval", "mid", "mid_eval", "sft", "sft_eval"]
 
 
 @pytest.fixture(scope="module")
