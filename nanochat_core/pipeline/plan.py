@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nanochat_core.pipeline import artifacts, identity, stages
@@ -38,9 +39,11 @@ class Decision:
         return {"cached": self.cached, "reasons": self.reasons, **({"reused": True} if self.reused else {})}
 
 
-def code_modules_by_stage(nodes: Iterable[Node]) -> dict[str, dict[str, str]]:
-    """Per-module code hashes of every stage in the run, read once per run."""
-    return {stage: identity.module_hashes(stages.STAGES[stage].module) for stage in {n.stage for n in nodes}}
+def code_modules_by_stage(nodes: Iterable[Node], project: Path | None = None) -> dict[str, dict[str, str]]:
+    """Per-module code hashes of every stage in the run, read once per run (from `project`'s nanochat_core and
+    rustbpe/src when given, e.g. a checkout being edited, else from this one)."""
+    roots = (project / "nanochat_core", project / "rustbpe" / "src") if project else ()
+    return {stage: identity.module_hashes(stages.STAGES[stage].module, *roots) for stage in {n.stage for n in nodes}}
 
 
 def check_reuse(reuse: Iterable[str], nodes: Iterable[Node]) -> list[str]:
@@ -175,13 +178,14 @@ def _reused(node: Node, plan: StagePlan | None, store: str, nodes: dict[str, Nod
     return Decision(node.name, node.stage, True, [f"reused (--reuse {node.name}): {ref.uri}"], plan, ref, reused=True)
 
 
-def dry_run(configs: dict[str, dict[str, Any]], store: str, rl: bool = False,
-            reuse: Iterable[str] = ()) -> dict[str, Decision]:
-    """Every node's decision, in pipeline order, without running anything."""
+def dry_run(configs: dict[str, dict[str, Any]], store: str, rl: bool = False, reuse: Iterable[str] = (),
+            project: Path | None = None) -> dict[str, Decision]:
+    """Every node's decision, in pipeline order, without running anything (for the code of `project`, a checkout,
+    when given)."""
     order = stages.pipeline(rl)
     nodes = {n.name: n for n in order}
     reuse = check_reuse(reuse, order)
-    modules = code_modules_by_stage(order)
+    modules = code_modules_by_stage(order, project)
     refs: dict[str, ArtifactRef | None] = {}
     out = {}
     for node in order:
