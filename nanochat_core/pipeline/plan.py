@@ -84,15 +84,21 @@ def _input_stages(manifest: dict[str, Any], store: str) -> dict[str, str]:
     return out
 
 
-def newest_artifact(store: str, node: Node, nodes: dict[str, Node]) -> tuple[str, dict[str, Any]] | None:
-    """(uri, manifest) of the newest artifact in the store made by this node's stage on the same kinds of input
-    (an eval of the base model for base_eval, not of sft), or None. Damaged manifests are passed over."""
+def node_artifacts(store: str, node: Node, nodes: dict[str, Node]) -> list[tuple[str, dict[str, Any]]]:
+    """(uri, manifest) of the artifacts in the store made by this node's stage on the same kinds of input (an eval
+    of the base model for base_eval, not of sft), newest first. Damaged manifests are passed over."""
     wanted = {flag: nodes[up].stage for flag, up in node.inputs}
+    found = []
     for uri in artifacts.list_artifacts(store, node.stage):
         manifest = artifacts.manifest_or_none(uri, warn=False)
         if manifest is not None and _input_stages(manifest, store) == wanted:
-            return uri, manifest
-    return None
+            found.append((uri, manifest))
+    return found
+
+
+def newest_artifact(store: str, node: Node, nodes: dict[str, Node]) -> tuple[str, dict[str, Any]] | None:
+    found = node_artifacts(store, node, nodes)
+    return found[0] if found else None
 
 
 def differences(stage: str, previous: dict[str, Any], config: dict[str, Any], modules: dict[str, str],
@@ -143,13 +149,16 @@ def decide(node: Node, config: dict[str, Any], inputs: dict[str, ArtifactRef | N
         if artifacts.read_manifest_bytes(plan.uri) is not None:
             return Decision(node.name, stage, False, [f"{DAMAGED}: {why}; recomputing it"], plan)
     reasons = [f"upstream {input_nodes[flag]} runs first" for flag, ref in inputs.items() if ref is None]
-    previous = newest_artifact(store, node, nodes)
     ident = plan.identity_config if plan else stages.identity_config(stage, config)
-    if previous is None:
+    upstream = plan.upstream if plan else None
+    # explained against the closest artifact of this node (fewest differences; the newest of equals): a store
+    # holding several configs of a stage then says what this run changed, not how it differs from another config
+    candidates = [differences(stage, manifest, ident, modules, upstream, input_nodes)
+                  for _, manifest in node_artifacts(store, node, nodes)]
+    if not candidates:
         reasons.append(f"no {stage} artifact of this kind in the store yet")
     else:
-        upstream = plan.upstream if plan else None
-        reasons += differences(stage, previous[1], ident, modules, upstream, input_nodes)
+        reasons += min(candidates, key=len)
     if plan is not None and _has_checkpoints(plan):
         reasons.append(f"an unfinished run left checkpoints in {plan.work_dir}: it resumes from the newest")
     if not reasons:
