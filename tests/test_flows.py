@@ -154,6 +154,8 @@ def test_changing_one_sft_parameter_reruns_sft_and_later_only(prefect_api, store
     assert "## Chat RL" in card and "![rl training loss](rl_loss.png)" in card
 
 
+@pytest.mark.slow  # about 1 min; the default suite checks damaged manifests and a deleted file in a flow below,
+# and a flipped byte against the sha256 in test_s3 (deep check) and test_train (checkpoints)
 def test_damaged_artifact_is_recomputed_not_served_from_cache(prefect_api, store):
     before = run_flow(store, overrides=MICRO, serve=False)
     assert all(cached(before).values())
@@ -168,6 +170,7 @@ def test_damaged_artifact_is_recomputed_not_served_from_cache(prefect_api, store
     assert artifacts.verify_artifact(str(mid_dir), deep=True).digest == after["stages"]["mid"]["digest"]
 
 
+@pytest.mark.slow  # 1-1.5 min; the default suite kills and resumes training in test_train and test_s3
 def test_kill_during_pretraining_then_resume(prefect_api, store, tmp_path):
     overrides = with_overrides(base={"num_iterations": 200, "seed": 7})
     args = [sys.executable, "-m", "flows.cli", "speedrun", "--preset", "tiny", "--store", str(store), "--no-serve"]
