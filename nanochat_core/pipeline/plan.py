@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanochat_core.config import ConfigError
 from nanochat_core.pipeline import artifacts, identity, stages
 from nanochat_core.pipeline.artifacts import ArtifactError, ArtifactRef
 from nanochat_core.pipeline.stages import Node, StagePlan
@@ -48,8 +49,6 @@ def code_modules_by_stage(nodes: Iterable[Node], project: Path | None = None) ->
 
 def check_reuse(reuse: Iterable[str], nodes: Iterable[Node]) -> list[str]:
     """The --reuse names, each a node of this pipeline (ConfigError otherwise)."""
-    from nanochat_core.config import ConfigError
-
     names = [n.name for n in nodes]
     unknown = [r for r in reuse if r not in names]
     if unknown:
