@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 
 MAX_EXPR_CHARS = 200
 MAX_EXPONENT = 64
 MAX_MAGNITUDE = 10**30
+STRING_LITERAL_RE = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+THOUSANDS_COMMA_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # the comma of 1,000 (not of 1,2 or 1,0000)
 
 _BINOPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -55,9 +58,15 @@ def _number(value):
     raise _Reject
 
 
+def strip_thousands_separators(expr: str) -> str:
+    """1,000 -> 1000 outside string literals; a comma inside quotes is text ('a,b'.count(',') is 1)."""
+    pieces = STRING_LITERAL_RE.split(expr)  # odd indices are the literals
+    return "".join(p if i % 2 else THOUSANDS_COMMA_RE.sub("", p) for i, p in enumerate(pieces))
+
+
 def calculate(expr: str) -> int | float | None:
     """The value of a small arithmetic (or 'text'.count('x')) expression, or None if it is not one."""
-    expr = expr.replace(",", "").strip()
+    expr = strip_thousands_separators(expr).strip()
     if not expr or len(expr) > MAX_EXPR_CHARS:
         return None
     try:

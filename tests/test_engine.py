@@ -274,6 +274,20 @@ def test_calculator_rejects_everything_else(expr):
     assert calculate(expr) is None
 
 
+@pytest.mark.parametrize("expr, value", [
+    ("'a,b'.count(',')", 1), ("\"1,000\".count(',')", 1), ("'a, b,c'.count(', ')", 1), ("'x'.count(',')", 0),
+    ("1,000 + 'a,b'.count(',')", 1001), ("2,500,000 / 2,500", 1000),
+])
+def test_calculator_keeps_commas_inside_strings(expr, value):
+    """Thousands separators are dropped from numbers only: a comma in a string literal is text."""
+    assert calculate(expr) == value
+
+
+@pytest.mark.parametrize("expr", ["1,2", "(1, 2)", "1,0000", "'a'.count('a'), 1", "1,,000"])
+def test_calculator_rejects_commas_that_are_not_thousands_separators(expr):
+    assert calculate(expr) is None
+
+
 def test_calculator_works_off_the_main_thread():
     results = []
     thread = threading.Thread(target=lambda: results.append(calculate("6*7")))
