@@ -1,7 +1,8 @@
 """Stage configs are frozen dataclasses. This module turns them into JSON and back, and into CLI flags.
 
-Every conversion is strict: an unknown key, a missing required key or a value of the wrong type is a
-ConfigError that names the field, so a typo in a flow parameter never silently becomes a default.
+Every conversion is strict: an unknown key, a missing required key, a value of the wrong type or a float
+that is not finite (NaN, Infinity) is a ConfigError that names the field, so a typo in a flow parameter
+never silently becomes a default.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -55,6 +57,8 @@ def _check_type(cls_name: str, name: str, annotation: Any, value: Any) -> Any:
         raise ConfigError(f"{cls_name}.{name}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # JSON's NaN/Infinity and 1e999 parse; no field means them
+                raise ConfigError(f"{cls_name}.{name}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{cls_name}.{name}: expected a number, got {value!r}")
     if annotation is str:
