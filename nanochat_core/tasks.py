@@ -236,7 +236,7 @@ def load_conversations(location: str) -> tuple[list[dict], int]:
     """Valid conversations of one file and the number of invalid rows skipped. No valid row is an error.
     A row is {"messages": [...]}, or the messages list itself (upstream's CustomJSON files)."""
     valid, skipped, first_problem = [], 0, None
-    for i, row in enumerate(read_records(location)):
+    for i, row in enumerate(read_records(location, lists_allowed=True)):
         row = {"messages": row} if isinstance(row, list) else row
         problem = conversation_problem(row)
         if problem is None:

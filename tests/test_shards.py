@@ -2,11 +2,13 @@
 
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from nanochat_core.config import ConfigError
 from nanochat_core.data.shards import ShardsConfig, check_shard, download_shards, main
-from nanochat_core.data.sources import DataError
+from nanochat_core.data.sources import DataError, iter_documents
 
 
 def small_mirror(tmp_path, shared_data, n=3):
@@ -56,6 +58,9 @@ def test_missing_data_directory(tmp_path):
 def test_bad_config_values():
     with pytest.raises(ConfigError, match="num_shards"):
         ShardsConfig(num_shards=0).validate()
+    for bad in (0.0, -1.0, float("nan")):  # NaN: a directly built config never met config_from_dict's check
+        with pytest.raises(ConfigError, match="timeout_seconds"):
+            ShardsConfig(timeout_seconds=bad).validate()
 
 
 def test_cli_reports_errors_cleanly(tmp_path, capsys):
@@ -63,3 +68,39 @@ def test_cli_reports_errors_cleanly(tmp_path, capsys):
         main(["--out", str(tmp_path / "o"), "--source", str(tmp_path / "missing")])
     assert e.value.code == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_corrupt_source_shard_error_names_the_source_not_the_temporary_copy(tmp_path, shared_data):
+    mirror = small_mirror(tmp_path, shared_data)
+    source = mirror / "pretrain" / "shard_00001.parquet"
+    source.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError) as e:
+        download_shards(ShardsConfig(source=str(mirror)), tmp_path / "out")
+    assert str(source) in str(e.value) and ".tmp" not in str(e.value)
+
+
+def write_binary_text_shard(path):
+    pq.write_table(pa.table({"text": pa.array([b"hello world", b"more bytes"], type=pa.binary())}), path)
+
+
+def test_binary_text_column_is_rejected_naming_the_file_and_type(tmp_path, shared_data):
+    mirror = small_mirror(tmp_path, shared_data)
+    source = mirror / "pretrain" / "shard_00002.parquet"
+    write_binary_text_shard(source)
+    with pytest.raises(DataError, match=r"'text' column.*binary.*string") as e:
+        download_shards(ShardsConfig(source=str(mirror)), tmp_path / "out")
+    assert str(source) in str(e.value)
+    with pytest.raises(DataError, match=r"binary"):
+        check_shard(source)
+
+
+def test_binary_text_column_is_a_data_error_for_the_tokenizer_reader(tmp_path):
+    """A shard that skipped the shards stage (a hand-made shards dir) fails naming the file, not deep in BPE."""
+    path = tmp_path / "shard_00000.parquet"
+    write_binary_text_shard(path)
+    with pytest.raises(DataError, match=r"binary") as e:
+        list(iter_documents(path))
+    assert str(path) in str(e.value)
+    large = tmp_path / "shard_00001.parquet"
+    pq.write_table(pa.table({"text": pa.array(["a", "b"], type=pa.large_string())}), large)
+    assert list(iter_documents(large)) == ["a", "b"] and check_shard(large) == 2

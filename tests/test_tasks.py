@@ -304,3 +304,38 @@ def test_identity_conversations_join_mid_twice_and_sft_once(shared_data, tmp_pat
     assert tasks.mixture_sources("mid", split="val", identity=str(identity)) == tasks.mixture_sources("mid", "val")
     with pytest.raises(DataError, match="missing.jsonl"):
         tasks.mixture_sources("sft", identity=str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b"[1, 2]", "not a JSON object"), (b"42", "not a JSON object"), (b'"text"', "not a JSON object"),
+    (b'{"question": "caf\xe9"}', "not valid UTF-8"), (b"{not json", "not valid JSON"),
+])
+def test_malformed_jsonl_line_names_the_file_and_line(tmp_path, monkeypatch, line, problem):
+    good = json.dumps({"question": "1+1?", "answer": "2\n#### 2"}).encode()
+    (tmp_path / "gsm8k").mkdir()
+    path = tmp_path / "gsm8k" / "train.jsonl"
+    path.write_bytes(b"\n".join([good, b"", good, line, good]) + b"\n")
+    monkeypatch.setenv("NANOCHAT_DATA", str(tmp_path))
+    with pytest.raises(DataError, match=problem) as e:
+        tasks.gsm8k("train")
+    assert f"{path}:4" in str(e.value)
+
+
+def test_conversation_files_take_message_lists_but_not_scalars(tmp_path):
+    """Upstream's CustomJSON rows are bare message lists; a number line is a broken file, not a conversation."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    location = _write_jsonl(tmp_path / "convs.jsonl", [messages, {"messages": messages}])
+    assert tasks.load_conversations(location) == ([{"messages": messages}] * 2, 0)
+    location = _write_jsonl(tmp_path / "scalar.jsonl", [{"messages": messages}, 7])
+    with pytest.raises(DataError, match=r"scalar.jsonl:2 .*not a JSON object"):
+        tasks.load_conversations(location)
+
+
+def test_corrupt_gzip_names_the_file(tmp_path, monkeypatch):
+    (tmp_path / "humaneval").mkdir()
+    path = tmp_path / "humaneval" / "HumanEval.jsonl.gz"
+    path.write_bytes(b"\x1f\x8b not really gzip")
+    monkeypatch.setenv("NANOCHAT_DATA", str(tmp_path))
+    with pytest.raises(DataError, match="not a readable gzip file") as e:
+        tasks.humaneval()
+    assert str(path) in str(e.value)

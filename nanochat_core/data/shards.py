@@ -4,8 +4,8 @@ Source, in order: `ShardsConfig.source` (a directory or http(s) URL laid out lik
 NANOCHAT_DATA mirror, else the real FineWeb-Edu shards on Hugging Face. Shards are named
 `shard_{i:05d}.parquet`; the last one fetched is the validation shard (upstream's convention).
 
-Each shard is written to a temporary name, checked (opens as parquet, has a `text` column, at least one
-row) and renamed into place, so a present shard is a valid one. Shards already present and valid are
+Each shard is written to a temporary name, checked (opens as parquet, has a `text` column of strings, at
+least one row) and renamed into place, so a present shard is a valid one. Shards already present and valid are
 skipped; transient network errors are retried with exponential backoff; a corrupt shard is an error that
 names the file (retrying cannot fix it).
 
@@ -27,7 +27,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
-from nanochat_core.data.sources import DATA_ENV, FINEWEB_NUM_SHARDS, FINEWEB_SHARD_URL, DataError, is_url
+from nanochat_core.data.sources import (
+    DATA_ENV,
+    FINEWEB_NUM_SHARDS,
+    FINEWEB_SHARD_URL,
+    DataError,
+    check_text_column,
+    is_url,
+)
 
 SHARD_NAME = "shard_{index:05d}.parquet"
 
@@ -46,6 +53,8 @@ class ShardsConfig:
             raise ConfigError("ShardsConfig.num_shards must be >= 2: the last shard is validation, the rest train")
         if self.retries < 1:
             raise ConfigError(f"ShardsConfig.retries must be >= 1, got {self.retries}")
+        if not self.timeout_seconds > 0:  # also NaN
+            raise ConfigError(f"ShardsConfig.timeout_seconds must be > 0, got {self.timeout_seconds}")
 
 
 class TransientError(RuntimeError):
@@ -79,16 +88,16 @@ def count_available(template: str) -> int:
     return n
 
 
-def check_shard(path: Path) -> int:
-    """Rows in a valid shard; DataError naming the file otherwise."""
+def check_shard(path: Path, source: str = "") -> int:
+    """Rows in a valid shard; DataError otherwise, naming `source` (where a fetched copy came from) or the file."""
+    label = f"shard {source or path}"
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
-        raise DataError(f"shard {path.name} is not a readable parquet file: {e}") from e
-    if "text" not in pf.schema_arrow.names:
-        raise DataError(f"shard {path.name} has no 'text' column (columns: {pf.schema_arrow.names})")
+        raise DataError(f"{label} is not a readable parquet file: {e}") from e
+    check_text_column(pf.schema_arrow, label)
     if pf.metadata.num_rows == 0:
-        raise DataError(f"shard {path.name} has no rows")
+        raise DataError(f"{label} has no rows")
     return pf.metadata.num_rows
 
 
@@ -115,7 +124,7 @@ def fetch_shard(location: str, dest: Path, retries: int, timeout: float) -> None
     for attempt in range(retries):
         try:
             _copy_to(location, tmp, timeout)
-            check_shard(tmp)
+            check_shard(tmp, source=location)  # errors name the source, not the temporary copy
             os.replace(tmp, dest)
             return
         except TransientError as e:

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ DATA_ENV = "NANOCHAT_DATA"
 HF = "https://huggingface.co/datasets"
 FINEWEB_SHARD_URL = f"{HF}/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{{index:05d}}.parquet"
 FINEWEB_NUM_SHARDS = 1823
+TEXT_TYPES = ("string", "large_string", "string_view")  # arrow types whose values are str
 
 # Mirror path -> real source. The HF files keep the same schema as the mirror's, possibly another format.
 HF_SOURCES: dict[str, str] = {
@@ -119,8 +121,17 @@ def read_bytes(location: str) -> bytes:
         raise DataError(f"data file not found: {location}") from e
 
 
-def read_records(location: str) -> list[dict[str, Any]]:
-    """Rows of a jsonl, jsonl.gz or parquet file as dicts, with a clear error on malformed input."""
+def decode_utf8(data: bytes, location: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{location}:{lineno} is not valid UTF-8 (byte {data[e.start]:#04x})") from e
+
+
+def read_records(location: str, lists_allowed: bool = False) -> list[Any]:
+    """Rows of a jsonl, jsonl.gz or parquet file as dicts (or, with lists_allowed, a jsonl line may be a JSON
+    list), with a DataError naming the file, and for jsonl the line, on malformed input."""
     data = read_bytes(location)
     if location.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -130,15 +141,22 @@ def read_records(location: str) -> list[dict[str, Any]]:
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
             raise DataError(f"{location} is not a readable parquet file: {e}") from e
     if location.endswith(".gz"):
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+            raise DataError(f"{location} is not a readable gzip file: {e}") from e
+    row_types = (dict, list) if lists_allowed else dict
     rows = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(decode_utf8(data, location).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{location}:{lineno} is not valid JSON: {e}") from e
+        if not isinstance(row, row_types):
+            raise DataError(f"{location}:{lineno} is not a JSON object (got {type(row).__name__}: {line[:60]})")
+        rows.append(row)
     return rows
 
 
@@ -157,14 +175,24 @@ def find_shards(shards_dir: str | Path) -> list[Path]:
     return paths
 
 
+def check_text_column(schema: Any, location: str | Path) -> None:
+    """DataError naming the file unless the arrow `schema` has a `text` column of strings (a binary column
+    reads as bytes, which the tokenizer cannot train on)."""
+    if "text" not in schema.names:
+        raise DataError(f"{location} has no 'text' column (columns: {schema.names})")
+    kind = schema.field("text").type
+    value_kind = getattr(kind, "value_type", kind)  # a dictionary-encoded column holds its values' type
+    if str(value_kind) not in TEXT_TYPES:
+        raise DataError(f"{location}: the 'text' column has type {kind}, expected string (utf8 text)")
+
+
 def iter_documents(path: Path) -> Iterator[str]:
     """The `text` column of a parquet shard, one row group at a time."""
     import pyarrow.parquet as pq  # here: most users of this module never read a shard
 
     try:
         pf = pq.ParquetFile(path)
-        if "text" not in pf.schema_arrow.names:
-            raise DataError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
+        check_text_column(pf.schema_arrow, path)
         for rg in range(pf.num_row_groups):
             yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
     except DataError:
