@@ -182,7 +182,8 @@ def gsm8k_is_correct(item: dict, completion: str) -> bool:
 
 def humaneval_is_correct(item: dict, completion: str) -> bool:
     """Run the completion against the problem's tests in the sandbox; any failure (wrong answer, exception,
-    timeout, memory, a blocked call) counts as incorrect."""
+    timeout, memory, a blocked call, an exit before the tests ran to their end, even with status 0) counts as
+    incorrect."""
     return run_code(tasks.humaneval_program(item, completion), timeout=HUMANEVAL_TIMEOUT).success
 
 

@@ -268,6 +268,27 @@ def test_humaneval_canonical_solution_passes_and_wrong_one_fails(humaneval_items
     assert not chat_eval.humaneval_is_correct(item, other["prompt"] + other["answer"])  # never defines entry point
 
 
+GAMING_TRICKS = {  # each ends the program with status 0 before (or instead of) the tests passing
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "raise SystemExit(0)": "raise SystemExit(0)",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "atexit os._exit(0) after failing tests": "import atexit, os\natexit.register(lambda: os._exit(0))\n"
+                                              "def has_close_elements(numbers, threshold):\n    return None",
+    "excepthook os._exit(0)": "import sys, os\nsys.excepthook = lambda *a: os._exit(0)\n"
+                              "def has_close_elements(numbers, threshold):\n    return None",
+    "fake markers on every fd": "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 32)\n"
+                                "    except OSError:\n        pass\nos._exit(0)",
+}
+
+
+@pytest.mark.parametrize("trick", list(GAMING_TRICKS))
+def test_humaneval_exit_tricks_do_not_pass(humaneval_items, trick):
+    """A pass means the tests ran to their end: an early or forced exit with status 0 is a fail."""
+    item = humaneval_items["HumanEval/0"]
+    completion = f"```python\n{item['prompt']}{item['answer']}\n{GAMING_TRICKS[trick]}\n```"
+    assert not chat_eval.humaneval_is_correct(item, completion)
+
+
 def test_humaneval_program_shape(humaneval_items):
     item = humaneval_items["HumanEval/0"]
     program = tasks.humaneval_program(item, "```python\ndef has_close_elements(numbers, threshold):\n    pass\n```")

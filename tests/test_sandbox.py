@@ -2,8 +2,12 @@
 reported as a failed ExecResult, never an exception or a crash in the caller)."""
 
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +16,13 @@ import pytest
 from nanochat_core.sandbox import ExecResult, run_code
 
 AS_ROOT = os.geteuid() == 0  # the sandbox then drops to nobody: the kernel enforces the file and process limits
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mount_namespaces_work() -> bool:
+    """Whether this machine lets us (root: plainly; anyone else: in a user namespace) make a mount namespace."""
+    flags = ["-m"] if AS_ROOT else ["-Urm"]
+    return subprocess.run(["unshare", *flags, "true"], capture_output=True).returncode == 0
 
 
 def test_happy_path_returns_stdout():
@@ -101,7 +112,8 @@ def test_writes_stay_inside_the_working_directory(tmp_path):
         assert not result.success and "PermissionError" in result.error
     if AS_ROOT:
         bypass = run_code(f"import _io\n_io.FileIO({str(target)!r}, 'w')")
-        assert not bypass.success and "Permission denied" in bypass.error
+        assert not bypass.success and "Permission denied" in bypass.error or (  # /tmp private: no tmp_path there
+            mount_namespaces_work() and "No such file or directory" in bypass.error)
     assert not target.exists()
 
 
@@ -151,3 +163,42 @@ def test_bad_limits_are_rejected():
         run_code("print(1)", timeout=0)
     with pytest.raises(ValueError, match="cpu_seconds"):
         run_code("print(1)", cpu_seconds=0)
+
+
+@pytest.mark.parametrize("ending", ["import sys\nsys.exit(0)", "raise SystemExit(0)", "import os\nos._exit(0)",
+                                    "import atexit, os\natexit.register(os._exit, 0)\nraise ValueError('x')"])
+def test_exit_with_status_0_before_the_end_is_not_a_success(ending):
+    result = run_code(f"print('started', flush=True)\n{ending}\nprint('the end')")
+    assert not result.success and result.stdout == "started\n"
+    assert "before the end" in result.error
+
+
+@pytest.mark.skipif(not mount_namespaces_work(), reason="no mount namespaces here: writes outside the "
+                                                         "working directory are only refused by the Python guard")
+def test_nothing_the_code_writes_outlives_the_run():
+    """Kernel-enforced, even through _io.FileIO (which gets past the Python guard): /tmp, /var/tmp,
+    /dev/shm and the working directory are private tmpfs mounts that die with the run, and every other mount is
+    read-only to the code."""
+    name = f"nanochat-escape-{uuid.uuid4().hex}"
+    outside = Path(tempfile.mkdtemp(prefix=".sandbox-escape-", dir=REPO))  # a world-writable dir, not in /tmp
+    outside.chmod(0o777)
+    code = f"""
+import _io
+for d in ("/tmp", "/var/tmp", "/dev/shm", "."):
+    _io.FileIO(d + "/{name}", "w").write(b"private")
+    print(d, open(d + "/{name}").read())
+try:
+    _io.FileIO("{outside}/{name}", "w")
+except OSError as e:
+    print(e.strerror)
+"""
+    try:
+        result = run_code(code)
+        assert result.success, result.stderr
+        assert result.stdout.splitlines() == ["/tmp private", "/var/tmp private", "/dev/shm private", ". private",
+                                              "Read-only file system"]
+        left = [p for p in (Path("/tmp", name), Path("/var/tmp", name), Path("/dev/shm", name),
+                            outside / name) if p.exists()]
+        assert left == []
+    finally:
+        shutil.rmtree(outside)
