@@ -77,16 +77,19 @@ def _isolate_filesystem(ctypes, libc, os, workdir, as_root):
         if result != 0:
             raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
 
-    if not as_root:  # map our own uid/gid only: the code stays who it was, with no capabilities (dropped below)
-        uid, gid = os.getuid(), os.getgid()
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-    # mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, {MOUNT_ATTR_RDONLY, 0, MS_PRIVATE, 0}): the whole tree read-only
-    # and private (no mount of ours propagates out); older kernels lack it: private only, then
-    attr = (ctypes.c_uint64 * 4)(1, 0, 1 << 18, 0)
-    if libc.syscall(442, -100, b"/", 0x8000, attr, ctypes.sizeof(attr)) != 0:
-        check(libc.mount(None, b"/", None, (1 << 14) | (1 << 18), None), "making / private")  # MS_REC|MS_PRIVATE
+    try:
+        if not as_root:  # map our own uid/gid only: the code stays who it was, with no capabilities (see _setup)
+            uid, gid = os.getuid(), os.getgid()
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+        # mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, {MOUNT_ATTR_RDONLY, 0, MS_PRIVATE, 0}): the whole tree
+        # read-only and private (no mount of ours propagates out); older kernels lack it: private only, then
+        attr = (ctypes.c_uint64 * 4)(1, 0, 1 << 18, 0)
+        if libc.syscall(442, -100, b"/", 0x8000, attr, ctypes.sizeof(attr)) != 0:
+            check(libc.mount(None, b"/", None, (1 << 14) | (1 << 18), None), "making / private")  # MS_REC|MS_PRIVATE
+    except OSError:
+        return False  # e.g. a security module that allows user namespaces but no mounts in them: run without
     flags = 2 | 4 | 8  # MS_NOSUID | MS_NODEV | MS_NOEXEC
     for target in ("/tmp", "/var/tmp", "/dev/shm"):
         if os.path.isdir(target):
@@ -96,8 +99,6 @@ def _isolate_filesystem(ctypes, libc, os, workdir, as_root):
     if as_root:
         os.chown(workdir, NOBODY, NOBODY)
     os.chdir(workdir)
-    if not as_root:  # capset(v3 header for this process, all sets empty): the code cannot undo the mounts
-        check(libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()), "dropping capabilities")
     return True
 
 
@@ -123,6 +124,8 @@ def _setup():
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
+        elif libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()) != 0:  # v3, all empty
+            raise OSError(ctypes.get_errno(), "dropping the user namespace's capabilities")  # could undo mounts
         libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary gives privileges back
         limits = {"RLIMIT_AS": (memory, memory), "RLIMIT_DATA": (memory, memory), "RLIMIT_CPU": (cpu, cpu + 1),
                   "RLIMIT_NPROC": (1, 1), "RLIMIT_FSIZE": (fsize, fsize), "RLIMIT_NOFILE": (MAX_OPEN_FILES,) * 2,
