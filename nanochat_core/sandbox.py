@@ -101,7 +101,6 @@ def _isolate_filesystem(ctypes, libc, os, workdir, as_root):
     os.chdir(workdir)
     return True
 
-
 def _setup():
     import builtins, ctypes, io, os, resource, shutil, socket, subprocess, sys
     import _socket, posix
