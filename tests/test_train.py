@@ -1,22 +1,37 @@
 """Training stages end to end on tiny models: base under torchrun (1 and 2 ranks), exact resume after SIGKILL
-and after SIGTERM, mid and SFT, plus the schedule/batch math and bits per byte."""
+and after SIGTERM (also when the launcher itself was SIGKILLed), a diverging run stopping with nothing saved,
+mid and SFT, plus the schedule/batch math and bits per byte."""
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
+import psutil
 import pytest
 import torch
 
-from nanochat_core.checkpoint import CheckpointError, latest_checkpoint, load_model
+from nanochat_core.checkpoint import (
+    CheckpointError,
+    checkpoint_meta,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_model,
+)
 from nanochat_core.config import ConfigError
+from nanochat_core.errors import UserError
 from nanochat_core.gpt import GPT, config_for_depth
 from nanochat_core.loss_eval import evaluate_bpb, unigram_bpb
+from nanochat_core.progress import emit_checkpoint, emit_progress, parse_structured_line, print0
 from nanochat_core.stage_cli import PREEMPTED_EXIT_CODE
 from nanochat_core.train import base, mid, sft
 from nanochat_core.train.common import (
@@ -222,6 +237,134 @@ def test_two_ranks_sigterm_then_resume_is_bitwise(shards_dir, tiny_tokenizer_dir
     run_ok(cmd)
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] > 0
     assert same_weights(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# the launcher killed outright (issue 13)
+
+ORCHESTRATOR = """
+import json, sys
+from nanochat_core.pipeline.launch import run_streaming, torchrun_command
+run_streaming(torchrun_command("nanochat_core.train.base", json.loads(sys.argv[1]), 1),
+              on_line=lambda line: print(line, flush=True))
+"""
+
+
+def closed_pipe() -> TextIO:
+    """A text stream whose reader is gone, like a trainer's stdout once its launcher was SIGKILLed."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return os.fdopen(write_end, "w")
+
+
+def wait_exited(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait for processes that are not our children (not ours to reap): gone or a zombie counts as exited."""
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + timeout
+    while any(running(p) for p in procs):
+        assert time.time() < deadline, f"still running after {timeout}s: {[p.cmdline() for p in procs if running(p)]}"
+        time.sleep(0.1)
+
+
+def test_reporting_into_a_pipe_without_a_reader_never_raises_and_then_goes_to_devnull(monkeypatch):
+    with closed_pipe() as stdout, closed_pipe() as stderr:
+        with pytest.raises(BrokenPipeError):
+            os.write(stdout.fileno(), b"x")  # the pipe really is broken
+        monkeypatch.setattr(sys, "stdout", stdout)
+        emit_progress(1, 2, loss=3.0)
+        emit_checkpoint("/tmp/step_000001", 1, "base")
+        print0("a line")
+        print0("a warning", file=stderr)
+        monkeypatch.undo()
+        for stream in (stdout, stderr):  # what comes next (and the flush at exit) goes nowhere, without error
+            assert os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))
+
+
+def test_launcher_sigkilled_during_base_the_trainer_saves_at_its_next_step_and_the_rerun_resumes_there(
+        shards_dir, tiny_tokenizer_dir, tmp_path):
+    """The process running the stage (launch.run_streaming -> torchrun, the trainer's stdout piped to it, as in the
+    flow) is SIGKILLed two steps after the periodic checkpoint of step 5. The kernel SIGTERMs torchrun
+    (PR_SET_PDEATHSIG), which passes it on; the trainer, whose stdout now has no reader, saves at its next step
+    boundary, and the rerun resumes from that step, not from step 5."""
+    overrides = {"num_iterations": 15, "save_every": 5, "eval_every": -1}
+    args = base_command(shards_dir, tiny_tokenizer_dir, tmp_path, nproc=None, **overrides)[3:]
+    launcher = subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, json.dumps(args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env())
+    periodic, seen, lines, stage = [], 0, [], []
+    try:
+        for line in launcher.stdout:
+            lines.append(line)
+            kind, payload = parse_structured_line(line.rstrip("\n")) or (None, {})
+            if kind == "checkpoint":
+                periodic.append(payload["step"])
+            elif kind == "progress" and periodic and payload["step"] >= periodic[-1] + 2:
+                seen = payload["step"]
+                break
+        assert periodic == [5] and seen >= 7, "".join(lines[-30:])
+        stage = psutil.Process(launcher.pid).children(recursive=True)  # torchrun and its worker
+        launcher.kill()
+        wait_exited([p for p in stage if "torch.distributed.run" not in p.cmdline()], timeout=60)  # the trainer
+        saved = checkpoint_meta(latest_checkpoint(tmp_path))["step"]
+        assert saved >= seen and saved % 5 != 0, f"saved at {saved}, seen {seen}"  # its own save, after step 5
+        assert not (tmp_path / "model.pt").exists() and not (tmp_path / "metrics.json").exists()
+
+        config = base.BaseTrainConfig(**{**TINY_BASE, **overrides})
+        metrics = base.train(config, shards_dir, tiny_tokenizer_dir, tmp_path)
+        assert metrics["resumed_from_step"] == saved and metrics["steps"] == 15
+        wait_exited(stage, timeout=60)  # torchrun too: nothing is left behind
+    finally:
+        for p in [psutil.Process(launcher.pid), *stage] if launcher.poll() is None else stage:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        launcher.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# divergence: learning rates of 1e30 are finite (so valid), but with weight decay 0.1 each update multiplies the
+# AdamW weights by 1 - 1e29: they overflow in the second update and the loss is NaN from step 3.
+
+HUGE_LR = {"embedding_lr": 1e30, "unembedding_lr": 1e30, "matrix_lr": 1e30, "weight_decay": 0.1}
+
+
+def assert_nothing_saved_from(out: Path, step: int) -> list[Path]:
+    """No final model, no metrics, and only checkpoints from before `step` (where training diverged), all finite;
+    returns those checkpoints."""
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+    checkpoints = complete_checkpoints(out)
+    for ckpt in checkpoints:
+        model, meta = load_model(ckpt, "cpu")
+        assert meta["step"] < step and all(p.isfinite().all() for p in model.parameters()), ckpt
+    return checkpoints
+
+
+def test_a_diverging_base_run_exits_2_naming_the_step_and_saves_nothing(shards_dir, tiny_tokenizer_dir, tmp_path,
+                                                                       capsys):
+    """With a checkpoint due at step 2, the weights are caught before it is written; without, the loss at step 3."""
+    for save_every, found in ((2, r"the weights \(.+\) became non-finite .* at step 2;"),
+                              (-1, r"the training loss became non-finite \(nan\) at step 3;")):
+        out = tmp_path / f"save_every_{save_every}"
+        argv = ["--shards", str(shards_dir), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out),
+                *flags({**TINY_BASE, **HUGE_LR, "num_iterations": 6, "eval_every": -1, "save_every": save_every})]
+        with pytest.raises(SystemExit) as exc:
+            base.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, err[-2000:]
+        assert re.search(r"error: training diverged: " + found + " .*Lower the learning rates", err), err[-2000:]
+        assert assert_nothing_saved_from(out, step=2) == []
+
+
+def test_diverging_mid_and_sft_stop_with_a_user_error_and_save_nothing(base_ref, mid_out, tiny_tokenizer_dir,
+                                                                       tmp_path):
+    for train, config, upstream, step in ((mid.train, MID, base_ref, 3), (sft.train, SFT, mid_out, 2)):
+        out = tmp_path / config.__class__.__name__
+        with pytest.raises(UserError, match=rf"training diverged: .* at step {step};"):
+            train(dataclasses.replace(config, **HUGE_LR), upstream, tiny_tokenizer_dir, out)
+        assert assert_nothing_saved_from(out, step) == []
 
 
 def test_bad_input_exits_2_with_a_one_line_error(shards_dir, tiny_tokenizer_dir, tmp_path, capsys):

@@ -158,7 +158,7 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
         loader_state = loader.state_dict()  # position of the batch we are about to fetch
         x, y = next(loader)
         for step in range(start, num_iterations + 1):
-            session.stop_if_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - called right away
+            session.stop_if_diverged_or_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - runs now
             last = step == num_iterations
             if last or (config.eval_every > 0 and step % config.eval_every == 0):
                 loop["val_bpb"], val_targets = validation(fwd, shards_dir, tokenizer, config, d, token_bytes, autocast)
@@ -181,6 +181,7 @@ def train(config: BaseTrainConfig, shards_dir: str | Path, tokenizer_dir: str | 
             lrm = lr_multiplier(step, num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
             optimizer_step(model, optimizers, lrm, muon_momentum(step))
             loss_value = (train_loss / grad_accum).item()
+            session.record_loss(step + 1, loss_value)  # already on the host: no extra sync
             dt = time.time() - t0
             loop["train_seconds"] += dt
             mfu = mfu_percent(flops_per_token, config.total_batch_size, dt, peak, d.world_size)

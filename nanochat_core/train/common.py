@@ -9,6 +9,12 @@ not exit 0: the process did not finish its stage, and a launcher that treats exi
 runner writes MANIFEST.json after exit 0) must not commit a half-trained artifact. Rerunning with the same
 --out resumes from that checkpoint.
 
+Divergence: a loss that is no longer finite (a learning rate far too large) ends the stage with TrainingDiverged,
+a user error (exit 2) naming the step, and nothing is saved: the loss is checked where it is read on the host
+anyway (no extra device sync), every rank learns of it at the next step boundary (the same all_reduce as
+preemption), and the weights are checked before every checkpoint and the final model, because an update can
+poison them before any loss shows it.
+
 Exact resume: a checkpoint holds the weights, every rank's optimizer shard, data loader position and RNG
 states, and the loop state; LR and momentum are functions of the step, so a resumed run replays the same
 updates on the same data as an uninterrupted one (bitwise on CPU).
@@ -45,9 +51,10 @@ from nanochat_core.checkpoint import (
 )
 from nanochat_core.common import DistInfo, cleanup_distributed
 from nanochat_core.config import ConfigError
+from nanochat_core.errors import UserError
 from nanochat_core.fileio import atomic_write_bytes
 from nanochat_core.gpt import GPT, GPTConfig
-from nanochat_core.progress import emit_checkpoint, emit_progress, print0
+from nanochat_core.progress import emit_checkpoint, emit_progress, print0, write_line
 from nanochat_core.stage_cli import Preempted
 from nanochat_core.wandb_log import WandbLog
 
@@ -202,18 +209,35 @@ def check_device_type(cls_name: str, device_type: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# preemption
+# preemption and divergence
+
+class TrainingDiverged(UserError):
+    """The loss or the weights stopped being finite: nothing of this run past its last good checkpoint is saved."""
+
+
+def diverged(what: str, step: int) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged: {what} at step {step}; nothing was saved for it. Lower the learning "
+                            f"rates (embedding_lr, unembedding_lr, matrix_lr) or weight_decay and run again")
+
+
+def first_non_finite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity (one device sync for all of them), or None."""
+    named = list(model.named_parameters())
+    finite = torch.stack([p.detach().isfinite().all() for _, p in named]).cpu()
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
+
 
 class Preemption:
-    """Context manager: while active, SIGTERM sets a flag instead of killing the process."""
+    """Context manager: while active, SIGTERM sets a flag instead of killing the process.
+
+    The handler does nothing but set the flag: no I/O, because the launcher may be gone (a write to its pipe
+    would raise BrokenPipeError right here and kill the process before it saves)."""
 
     def __init__(self) -> None:
         self.flag = False
         self._previous: Any = None
 
     def _handler(self, signum, frame) -> None:
-        if not self.flag:
-            print(f"received signal {signum}: stopping at the next step boundary", file=sys.stderr, flush=True)
         self.flag = True
 
     def __enter__(self) -> Preemption:
@@ -227,13 +251,14 @@ class Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def requested(self, dist_info: DistInfo) -> bool:
-        """Whether any rank got SIGTERM (collective: every rank calls it at the same step)."""
-        if not dist_info.is_distributed:
-            return self.flag
-        flag = torch.tensor([int(self.flag)], device=dist_info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def any_rank(flags: tuple[bool, ...], dist_info: DistInfo) -> tuple[bool, ...]:
+    """Each flag OR-ed over the ranks (collective, one all_reduce: every rank calls it at the same step)."""
+    if not dist_info.is_distributed:
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=dist_info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +289,7 @@ class Session:
     model: torch.nn.Module  # uncompiled
     optimizers: list[torch.optim.Optimizer]
     keep: int = 2
+    non_finite_loss: tuple[int, float] | None = None  # (step, loss) of the first one this rank saw
 
     def resume(self, config: dict) -> Resumed | None:
         """Load the newest intact checkpoint in out_dir (weights, optimizer shard, RNG), if there is one."""
@@ -301,7 +327,7 @@ class Session:
                 verify_checkpoint_files(ckpt, rank_files(ckpt, d.rank))
                 ok = 1
             except CheckpointError as e:
-                print(f"warning: rank {d.rank}: {e}; not resuming from it", file=sys.stderr, flush=True)
+                write_line(f"warning: rank {d.rank}: {e}; not resuming from it", sys.stderr)
                 ok = 0
             if d.is_distributed:  # every rank must resume from the same checkpoint
                 flag = torch.tensor([ok], device=d.device)
@@ -312,22 +338,45 @@ class Session:
         return None
 
     def save(self, step: int, meta: dict, loader_state: dict | None, rank_state: dict | None = None) -> Path:
-        """Commit a checkpoint (collective) and announce it on stdout."""
+        """Commit a checkpoint (collective) and announce it on stdout; refused if the weights are not finite."""
+        self.check_weights(step)
         path = save_checkpoint(self.out_dir, step, self.model, self.optimizers, meta, self.dist_info,
                                loader_state, rank_state, keep=self.keep)
         emit_checkpoint(str(path), step, self.stage)
         return path
 
-    def stop_if_preempted(self, preempt: Preemption, step: int, start: int, save: Callable[[], Path]) -> None:
-        """At a step boundary: if any rank got SIGTERM, save (unless this state is already on disk) and raise."""
-        if not preempt.requested(self.dist_info):
+    def record_loss(self, step: int, loss: float) -> None:
+        """After optimizer step `step` (1-based), its loss as read on the host: remember the first non-finite one
+        (acted on at the next step boundary, on every rank at once)."""
+        if self.non_finite_loss is None and not math.isfinite(loss):
+            self.non_finite_loss = (step, loss)
+
+    def check_weights(self, step: int) -> None:
+        """Raise TrainingDiverged if a parameter is NaN or infinite (the ranks hold the same weights, so they agree)."""
+        name = first_non_finite_parameter(self.model)
+        if name is not None:
+            cleanup_distributed()
+            raise diverged(f"the weights ({name}) became non-finite by the update", step)
+
+    def stop_if_diverged_or_preempted(self, preempt: Preemption, step: int, start: int,
+                                      save: Callable[[], Path]) -> None:
+        """At a step boundary, every rank together: if any saw a non-finite loss, raise TrainingDiverged (saving
+        nothing); if any got SIGTERM, save (unless this state is already on disk) and raise Preempted."""
+        bad_loss, preempted = any_rank((self.non_finite_loss is not None, preempt.flag), self.dist_info)
+        if bad_loss:
+            cleanup_distributed()
+            where, loss = self.non_finite_loss or (step, math.nan)  # another rank's loss: it was this step's
+            raise diverged(f"the training loss became non-finite ({loss})", where)
+        if not preempted:
             return
+        print0(f"SIGTERM: stopping at step {step}" + (", saving a checkpoint" if step > start else ""))
         path = save() if step > start else latest_checkpoint(self.out_dir)
         cleanup_distributed()
         raise Preempted(step, path)
 
     def finish(self, final_meta: dict, metrics: dict) -> dict:
         """The end of every training stage: final model (rank 0), then metrics.json last, then leave the group."""
+        self.check_weights(final_meta["step"])
         if self.dist_info.is_master:
             save_final_model(self.out_dir, self.model, final_meta)
         self.write_metrics(metrics)

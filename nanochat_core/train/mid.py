@@ -172,7 +172,7 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
         loader_state = loader.state_dict()
         x, y = next(loader)
         for step in range(start, num_iterations + 1):
-            session.stop_if_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - called right away
+            session.stop_if_diverged_or_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - runs now
             last = step == num_iterations
             if last or (config.eval_every > 0 and step % config.eval_every == 0):
                 fwd.eval()
@@ -198,6 +198,7 @@ def train(config: MidTrainConfig, base_dir: str | Path, tokenizer_dir: str | Pat
             lrm = mid_lr_multiplier(step, num_iterations)
             optimizer_step(model, optimizers, lrm, muon_momentum(step))
             loss_value = (train_loss / grad_accum).item()
+            session.record_loss(step + 1, loss_value)  # already on the host: no extra sync
             dt = time.time() - t0
             loop["train_seconds"] += dt
             report_step(step, num_iterations, wandb, loss_value, lrm, config.total_batch_size, dt,

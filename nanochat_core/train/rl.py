@@ -243,7 +243,7 @@ def train(config: RLConfig, model_dir: str | Path, tokenizer_dir: str | Path, ou
 
     with Preemption() as preempt, WandbLog.start("nanochat-rl", cfg, d) as wandb:
         for step in range(start, num_iterations + 1):
-            session.stop_if_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - called right away
+            session.stop_if_diverged_or_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - runs now
             last = step == num_iterations
             if last or (config.eval_every > 0 and step % config.eval_every == 0):
                 model.eval()
@@ -279,8 +279,10 @@ def train(config: RLConfig, model_dir: str | Path, tokenizer_dir: str | Path, ou
                 lengths += [len(s) for s in rollout.sequences]
             lrm = sft_lr_multiplier(step, num_iterations)
             optimizer_step(model, optimizers, lrm)  # Muon momentum stays at 0.95, as upstream's RL
+            session.check_weights(step + 1)  # next comes sampling, which non-finite weights crash (cheap next to it)
             loop["reward"], loop["loss"], mean_len = all_reduce_mean(
                 [sum(rewards) / len(rewards), loss_sum.item(), sum(lengths) / len(lengths)], d)
+            session.record_loss(step + 1, loop["loss"])  # already on the host: no extra sync
             dt = time.time() - t0
             loop["train_seconds"] += dt
             print0(f"step {step + 1}/{num_iterations}: reward {loop['reward']:.4f}, sequence length {mean_len:.1f}")

@@ -164,7 +164,7 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
 
     with Preemption() as preempt, WandbLog.start("nanochat-sft", cfg, d) as wandb:
         for step in range(start, num_iterations + 1):
-            session.stop_if_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - called right away
+            session.stop_if_diverged_or_preempted(preempt, step, start, lambda: save(step))  # noqa: B023 - runs now
             last = step == num_iterations
             if last or (config.eval_every > 0 and step % config.eval_every == 0):
                 model.eval()
@@ -191,6 +191,7 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
             lrm = sft_lr_multiplier(step, num_iterations)
             optimizer_step(model, optimizers, lrm)
             loss_value = loss_sum.item() / max(1, n_targets)
+            session.record_loss(step + 1, loss_value)  # already on the host: no extra sync
             dt = time.time() - t0
             loop["train_seconds"] += dt
             tokens = sum(x.numel() for x, _ in micro) * d.world_size
