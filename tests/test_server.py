@@ -18,14 +18,14 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from nanochat_core.checkpoint import save_final_model
+from nanochat_core.config import ConfigError
 from nanochat_core.engine import Engine
 from nanochat_core.gpt import GPT, GPTConfig
 from nanochat_core.serve import chat_cli, server
 from nanochat_core.serve.chat_request import MAX_CHOICES, MAX_MESSAGE_CHARS, MAX_MESSAGES
-from nanochat_core.serve.server import ServeConfig, create_app
+from nanochat_core.serve.server import ChatServer, ServeConfig, create_app, server_url
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 256
@@ -40,17 +40,11 @@ def model(tokenizer) -> GPT:
     return GPT(config).eval()  # PyTorch's default init: non-zero logits, varied text
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def running(app):
-    """Serve `app` with uvicorn on a free local port in a thread; yields the base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+def running(app, **settings):
+    """Serve `app` as main() does (ChatServer) on a free local port (port 0) in a thread; yields the base URL.
+    `settings`: ServeConfig fields for the server (host, request_timeout)."""
+    server = ChatServer(app, ServeConfig(**{"port": 0, **settings}), log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -58,7 +52,8 @@ def running(app):
         assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        assert server.port != 0  # the bound port
+        yield server.url.rstrip("/")
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -80,7 +75,9 @@ def greedy_reply(model, tokenizer, messages, max_tokens: int) -> tuple[str, str]
     prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
     completion = results[0][len(prompt):]
-    return tokenizer.decode(completion), "length" if len(completion) == max_tokens else "stop"
+    specials = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+    text = tokenizer.decode([t for t in completion if t not in specials])  # the server never sends special tokens
+    return text, "length" if len(completion) == max_tokens else "stop"
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -246,8 +243,8 @@ def test_bad_requests_get_400_in_openai_shape(url, path):
                     b'{"messages": [{"role": "user", "content": "\\ud800"}]}', b'{"\\udfff": 1}'):
             r = client.post(path, content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", raw
-        r = client.post(path, content=b"x" * (2 << 20))
-        assert r.status_code == 400 and "larger than" in r.json()["error"]["message"]
+        r = client.post(path, content=b"x" * (2 << 20))  # too large: 413 (test_oversized_bodies_get_413)
+        assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
     bad_stream = httpx.post(f"{url}/v1/chat/completions", json={"messages": QUESTION, "stream": "yes"})
     assert bad_stream.status_code == 400 and bad_stream.json()["error"]["param"] == "stream"
 
@@ -338,20 +335,21 @@ def test_batched_replies_equal_solo_replies_and_health_stays_responsive(url, app
     assert [r["choices"] for r in staggered] == solo * 2
 
 
-def cycle_gpt(tokenizer, sequence_len: int = 4096) -> GPT:
-    """A GPT whose greedy reply is "abcabc...": it never stops by itself."""
-    a, b, c = tokenizer.encode("a")[0], tokenizer.encode("b")[0], tokenizer.encode("c")[0]
+def cycle_gpt(tokenizer, sequence_len: int = 4096, cycle: list[int] | None = None) -> GPT:
+    """A GPT whose greedy reply repeats the tokens `cycle` (default: "abcabc..."): it never stops by itself."""
+    cycle = cycle or [tokenizer.encode(ch)[0] for ch in "abc"]
+    n = len(cycle)
     model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1,
                           n_kv_head=1, n_embd=32))
-    model.init_weights()  # identity blocks; then a cycle a -> b -> c -> a from any token: it never stops
+    model.init_weights()  # identity blocks; then a cycle token i -> token i+1 from any token: it never stops
     with torch.no_grad():
         model.transformer.wte.weight.zero_()
-        model.transformer.wte.weight[:, 3] = 0.1  # every token not in the cycle looks like "c"
-        for dim, token in enumerate((a, b, c)):
+        model.transformer.wte.weight[:, n] = 0.1  # every token not in the cycle looks like the last one
+        for dim, token in enumerate(cycle):
             model.transformer.wte.weight[token] = 0.0
             model.transformer.wte.weight[token, dim] = 1.0
-        model.lm_head.weight[b, 0] = model.lm_head.weight[c, 1] = model.lm_head.weight[a, 2] = 1.0
-        model.lm_head.weight[a, 3] = 1.0
+            model.lm_head.weight[cycle[(dim + 1) % n], dim] = 1.0
+        model.lm_head.weight[cycle[0], n] = 1.0
     return model.eval()
 
 
@@ -446,24 +444,23 @@ def model_dir(model, tmp_path_factory) -> Path:
 
 
 def test_server_main_serves_a_saved_model(model_dir, tiny_tokenizer_dir, model, tokenizer):
-    port = free_port()
+    """Port 0: the server picks a free port and the URL it logs is the real one (it answers there)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_API_KEY": ""}
     cmd = [sys.executable, "-m", "nanochat_core.serve", "--model", str(model_dir), "--tokenizer",
-           str(tiny_tokenizer_dir), "--port", str(port), "--device-type", "cpu", "--max-tokens", "5",
+           str(tiny_tokenizer_dir), "--port", "0", "--device-type", "cpu", "--max-tokens", "5",
            "--num-replicas", "2", "--max-batch", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.decode() for line in proc.stdout), daemon=True)
+    reader.start()
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.time() < deadline, "server did not come up"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
-        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["replicas"] == 2
+        wait_for(lambda: proc.poll() is not None or any("serving at " in line for line in lines), timeout=60)
+        assert proc.poll() is None, "".join(lines)
+        url = next(line for line in lines if "serving at " in line).split("serving at ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/") and not url.endswith(":0/"), url
+        assert httpx.get(f"{url}health").json()["replicas"] == 2
         body = {"messages": QUESTION, "temperature": 0}
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30).json()
+        reply = httpx.post(f"{url}v1/chat/completions", json=body, timeout=30).json()
         assert reply["choices"][0]["message"]["content"] == greedy_reply(model, tokenizer, QUESTION, 5)[0]
     finally:
         proc.terminate()
@@ -496,3 +493,180 @@ def test_chat_cli_repl(model_dir, tiny_tokenizer_dir, model, tokenizer, capsys, 
     # the same first question before and after 'clear' gets the same answer; the follow-up saw the history
     answers = [part.split("\n")[0] for part in out.split("nanochat: ")[2:]]
     assert len(answers) == 3 and answers[0] == answers[2] == first.split("\n")[0]
+
+
+# -----------------------------------------------------------------------------
+# hardening (issue 13): limits, special tokens, oversized and idle requests, HEAD, addresses
+
+def test_over_limit_fields_get_a_400_naming_the_field_and_limit(url):
+    from nanochat_core.serve.chat_request import MAX_STOP_CHARS, MAX_STOPS, MAX_TOTAL_CHARS
+
+    long_turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * MAX_MESSAGE_CHARS}
+                  for i in range(2 * (MAX_TOTAL_CHARS // MAX_MESSAGE_CHARS // 2 + 1))]  # then one more user turn
+    cases = [  # body, param, the limit the message must state
+        ({"stop": ["x" * (MAX_STOP_CHARS + 1)]}, "stop", MAX_STOP_CHARS),
+        ({"stop": "x" * 255_000}, "stop", MAX_STOP_CHARS),
+        ({"stop": ["a", "x" * 255_000, "b"]}, "stop", MAX_STOP_CHARS),
+        ({"stop": ["a"] * (MAX_STOPS + 1)}, "stop", MAX_STOPS),
+        ({"stop": ["a", 5]}, "stop", None),
+        ({"stop": {"a": 1}}, "stop", None),
+        ({"messages": many(MAX_MESSAGES + 1)}, "messages", MAX_MESSAGES),
+        ({"messages": [{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}]}, "messages[0].content",
+         MAX_MESSAGE_CHARS),
+        ({"messages": long_turns + [{"role": "user", "content": "hi"}]}, "messages", MAX_TOTAL_CHARS),
+        ({"n": MAX_CHOICES + 1}, "n", MAX_CHOICES),
+        ({"n": 10**30}, "n", MAX_CHOICES),
+        ({"max_tokens": SEQ_LEN + 1}, "max_tokens", SEQ_LEN),
+        ({"max_completion_tokens": 2**64}, "max_completion_tokens", SEQ_LEN),
+    ]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for fields, param, limit in cases:
+            r = client.post("/v1/chat/completions", json={"messages": QUESTION, **fields})
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == param, (str(fields)[:80], r.status_code, error)
+            assert param.split("[")[0] in error["message"], error
+            if limit is not None:
+                assert str(limit) in error["message"], error
+
+
+def test_special_tokens_never_appear_in_reply_text(tokenizer):
+    """A model that calls the calculator: <|python_start|>1+2<|python_end|>, then the forced
+    <|output_start|>3<|output_end|>. The reply text has the tokens' text, without the special tokens."""
+    special = tokenizer.encode_special
+    cycle = [special("<|python_start|>"), *(tokenizer.encode(ch)[0] for ch in "1+2"), special("<|python_end|>")]
+    model = cycle_gpt(tokenizer, 256, cycle)
+    prompt = tokenizer.render_for_completion({"messages": QUESTION + [{"role": "assistant", "content": ""}]})
+    results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=20, temperature=0.0)
+    specials = {special(name) for name in tokenizer.get_special_tokens()}
+    generated = results[0][len(prompt):]
+    assert specials & set(generated)  # the model does produce special tokens (and the calculator forces some)
+    expected = tokenizer.decode([t for t in generated if t not in specials])
+    assert expected.startswith("1+23")
+    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 20}
+    with running(create_app(model, tokenizer, ServeConfig())) as base:
+        full = ask(base, body)["choices"][0]["message"]["content"]
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+            chunks = [json.loads(e) for e in sse_events(r)[:-1]]
+        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=30) as r:
+            nanochat = "".join(json.loads(e).get("token", "") for e in sse_events(r))
+    assert full == streamed == nanochat == expected, (full, streamed, nanochat)
+
+
+def test_non_ascii_api_key(model, tokenizer):
+    key = "clé-🔑"
+    with running(create_app(model, tokenizer, ServeConfig(api_key=key, max_tokens=4))) as base:
+        right = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}".encode()})
+        assert right.status_code == 200, right.text
+        wrong = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer clé-🔒".encode()})
+        assert wrong.status_code == 401
+        mangled = f"Bearer {key}".encode().decode("latin-1").encode()  # UTF-8 bytes read as Latin-1: not the key
+        latin1 = httpx.get(f"{base}/v1/models", headers={"Authorization": mangled})
+        assert latin1.status_code == 401
+
+
+def raw_request(url: str, head: bytes, pieces=()) -> tuple[int, bytes]:
+    """Send a request over a plain socket (head, then the body pieces) and read the reply to its end: status, body.
+    The server closes the connection after it (Connection: close in `head`)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=30) as s:
+        s.sendall(head)
+        for piece in pieces:
+            s.sendall(piece)
+        reply = b""
+        while chunk := s.recv(1 << 16):
+            reply += chunk
+    headers, _, body = reply.partition(b"\r\n\r\n")
+    return int(headers.split()[1]), body
+
+
+def test_oversized_bodies_get_413(url):
+    """Over MAX_BODY_BYTES: 413 with an OpenAI-shaped error, also when the client asked the server to close the
+    connection after the reply (closing with the body unread resets the connection: the client never sees it)."""
+    def too_large(r_status: int, body: bytes) -> None:
+        assert r_status == 413, (r_status, body[:200])
+        error = json.loads(body)["error"]
+        assert "larger than" in error["message"] and str(server.MAX_BODY_BYTES) in error["message"], error
+
+    def chunks():  # 12 MB, chunked (no Content-Length)
+        for _ in range(12):
+            yield b"x" * (1 << 20)
+
+    for content in (chunks(), b"x" * (12 << 20)):
+        r = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=30,
+                       headers={"content-type": "application/json"})
+        too_large(r.status_code, r.content)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    too_large(*raw_request(url, head + b"Transfer-Encoding: chunked\r\n\r\n",
+                           [b"100000\r\n" + piece + b"\r\n" for piece in chunks()] + [b"0\r\n\r\n"]))
+    too_large(*raw_request(url, head + b"Content-Length: %d\r\n\r\n" % (12 << 20), chunks()))
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_head_answers_like_get_without_a_body(url):
+    for path in ("/", "/health"):
+        get, head = httpx.get(f"{url}{path}"), httpx.head(f"{url}{path}")
+        assert head.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+        assert head.headers["content-length"] == get.headers["content-length"]
+
+
+def test_addresses_and_ports():
+    assert server_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+    assert server_url("::1", 8000) == "http://[::1]:8000/"
+    assert server_url("0.0.0.0", 8000) == "http://127.0.0.1:8000/"  # a wildcard address: connect to loopback
+    assert server_url("::", 80) == "http://[::1]:80/"
+    assert server_url("fe80::1%eth0", 8000) == "http://[fe80::1%eth0]:8000/"
+    assert server_url("example.org", 8000) == "http://example.org:8000/"
+    for port in (-1, 65536, 10**6):
+        with pytest.raises(ConfigError, match=r"ServeConfig.port: .* is not a TCP port \(0-65535"):
+            ServeConfig(port=port).validate()
+    for timeout in (0, -1, 1e9):
+        with pytest.raises(ConfigError, match="ServeConfig.request_timeout"):
+            ServeConfig(request_timeout=timeout).validate()
+
+
+def test_ipv6_loopback_on_a_free_port(model, tokenizer):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    with running(create_app(model, tokenizer, ServeConfig(max_tokens=4)), host="::1") as base:
+        assert base.startswith("http://[::1]:")
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
+
+
+def test_idle_partial_requests_are_closed(model, tokenizer):
+    """Half the headers, half the body, or nothing: 408 and closed after request_timeout (0.5 s here). A request
+    that is all in may take longer than that to answer."""
+    app = create_app(model, tokenizer, ServeConfig(max_tokens=4))
+    with running(app, request_timeout=0.5) as base:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        partial = (b"", head, head + b"Content-Length: 100\r\n\r\n" + b'{"messages": [',
+                   head + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mes\r\n")
+        sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in partial]
+        started = time.perf_counter()
+        for s, sent in zip(sockets, partial, strict=True):  # all at once: they time out together
+            s.sendall(sent)
+        for s, sent in zip(sockets, partial, strict=True):
+            with s:
+                reply = b""
+                while chunk := s.recv(4096):
+                    reply += chunk
+            elapsed = time.perf_counter() - started
+            assert 0.4 < elapsed < 3, (sent, elapsed)
+            assert reply.startswith(b"HTTP/1.1 408 "), (sent, reply)
+            assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+        replica = app.state.router.replicas[0]
+        with httpx.Client(base_url=base, timeout=30) as client:  # one keep-alive connection
+            with replica.lock:  # the request is in, but its answer takes longer than the timeout
+                waiting = threading.Thread(target=lambda: results.append(client.post(
+                    "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2})))
+                results: list = []
+                waiting.start()
+                time.sleep(0.8)
+            waiting.join(timeout=30)
+            assert results[0].status_code == 200, results[0].text
+            assert client.get("/health").status_code == 200  # the same connection serves the next request

@@ -67,7 +67,8 @@ def page(browser, url):
 def greedy_reply(model, tokenizer, messages) -> str:
     prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=MAX_TOKENS, temperature=0.0)
-    return tokenizer.decode(results[0][len(prompt):])
+    specials = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+    return tokenizer.decode([t for t in results[0][len(prompt):] if t not in specials])  # the server drops them
 
 
 def send(page, text: str) -> None:

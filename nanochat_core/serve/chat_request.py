@@ -1,9 +1,11 @@
 """Chat request bodies: validation into a ChatRequest, OpenAI-shaped errors, and stop strings.
 
 Every way a body can be wrong ends in a RequestError (status 400 with OpenAI's error shape), never a 5xx:
-the `openai` client retries 5xx. The policy for fields, as OpenAI's own API does: a field we do not know is
-an error (`unknown_parameter`), so a typo is not silently ignored; OpenAI fields we do not implement
-(penalties, logprobs, tools, ...) are accepted only with the value that asks for nothing; null means absent.
+the `openai` client retries 5xx. Every field that costs work is bounded (the MAX_* limits below; max_tokens by
+the model's context), and the error names the field and its limit. The policy for fields, as OpenAI's own API
+does: a field we do not know is an error (`unknown_parameter`), so a typo is not silently ignored; OpenAI
+fields we do not implement (penalties, logprobs, tools, ...) are accepted only with the value that asks for
+nothing; null means absent.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_CHOICES = 8  # n
 MAX_STOPS = 4  # OpenAI's limit on `stop` strings
+MAX_STOP_CHARS = 256  # per stop string: the text held back per choice, and each token's stop check, scale with it
 TOOL_PART = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>", re.S)
 
 PARSED = {"messages", "temperature", "top_k", "top_p", "max_tokens", "max_completion_tokens", "n", "seed", "stream",
@@ -113,7 +116,8 @@ def _assistant_content(text: str) -> str | list[dict]:
 def parse_messages(messages) -> list[dict]:
     """Validated messages: an optional system message, then user/assistant alternating, ending with user."""
     if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
-        raise RequestError(f"messages must be a list of 1 to {MAX_MESSAGES} messages", "messages")
+        got = f"{len(messages)} messages" if isinstance(messages, list) else f"a {type(messages).__name__}"
+        raise RequestError(f"messages must be a list of 1 to {MAX_MESSAGES} messages, got {got}", "messages")
     out, total = [], 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -171,7 +175,13 @@ def _check_fields(body: dict) -> None:
 def _stop(value) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
-        raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+        got = f"{len(stops)} strings" if isinstance(stops, list) and len(stops) > MAX_STOPS else "something else"
+        raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them, got {got}",
+                           "stop")
+    for i, s in enumerate(stops):
+        if len(s) > MAX_STOP_CHARS:
+            name = "stop" if isinstance(value, str) else f"stop[{i}]"
+            raise RequestError(f"{name} has {len(s)} characters; the limit is {MAX_STOP_CHARS}", "stop")
     return tuple(_utf8(s, "stop") for s in stops)
 
 
@@ -218,23 +228,52 @@ def parse_chat_request(body, tokenizer, seq_len: int, config: ServeConfig, opena
 
 class StopText:
     """Text deltas cut at the first stop string. A tail that could be the start of one is held back until the
-    next delta shows whether it is."""
+    next delta shows whether it is.
+
+    Linear in the text: each stop string has a Knuth-Morris-Pratt matcher whose state (`matched`) is the length
+    of the longest end of the text so far that begins that stop string, so each new character costs O(1)
+    amortized per stop string, and the tail to hold back is the longest such state (< MAX_STOP_CHARS)."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops, self.held, self.stopped = stops, "", False
+        self.fallback = [_prefix_function(s) for s in stops]
+        self.matched = [0] * len(stops)
 
     def push(self, delta: str) -> str:
         if self.stopped:
             return ""
-        text = self.held + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        if not self.stops:
+            return delta
+        text, cut = self.held + delta, None
+        for j, (stop, fallback) in enumerate(zip(self.stops, self.fallback, strict=True)):
+            k = self.matched[j]
+            for at, ch in enumerate(delta, start=len(self.held) + 1):  # `at`: characters of text up to ch
+                while k and stop[k] != ch:
+                    k = fallback[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):  # this stop string's first occurrence; a match never starts before `held`
+                    cut = at - k if cut is None else min(cut, at - k)
+                    break
+            self.matched[j] = k
+        if cut is not None:
             self.stopped, self.held = True, ""
-            return text[:min(hits)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            return text[:cut]
+        keep = max(self.matched)
         self.held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
 
     def flush(self) -> str:
         held, self.held = self.held, ""
         return "" if self.stopped else held
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP's table: p[i] is the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    p = [0] * len(s)
+    for i in range(1, len(s)):
+        k = p[i - 1]
+        while k and s[i] != s[k]:
+            k = p[k - 1]
+        p[i] = k + (s[i] == s[k])
+    return p
