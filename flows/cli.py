@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from nanochat_core.config import ConfigError
-from nanochat_core.data.sources import DataError
+from nanochat_core.errors import UserError
 from nanochat_core.pipeline.artifacts import ArtifactError
 
-USER_ERRORS = (ConfigError, DataError, ArtifactError, FileNotFoundError)
+USER_ERRORS = (UserError, ArtifactError, FileNotFoundError)
 
 
 def quiet_prefect_defaults() -> None:
@@ -35,7 +36,8 @@ def quiet_prefect_defaults() -> None:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
-    from nanochat_core.pipeline.artifacts import check_store, join_uri
+    from nanochat_core.pipeline import preflight
+    from nanochat_core.pipeline.artifacts import is_remote, join_uri
     from nanochat_core.pipeline.launch import Nodes
     from nanochat_core.pipeline.presets import parse_override, resolve_data, stage_configs
 
@@ -43,21 +45,25 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     for text in args.set or []:
         stage, field, value = parse_override(text)
         overrides.setdefault(stage, {})[field] = value
-    # Check what the user typed before any server or process starts, so mistakes fail in a second.
-    configs = stage_configs(args.preset, overrides, resolve_data(args.data), rl=args.rl)
     if args.json and not args.dry_run:
         raise ConfigError("--json goes with --dry-run")
+    # Check everything that can be checked before any server or process starts, so mistakes fail in seconds.
+    configs = stage_configs(args.preset, overrides, resolve_data(args.data), rl=args.rl)
+    store = args.store if is_remote(args.store) else str(Path(args.store).expanduser().resolve())
+    preflight.check_speedrun(configs, store, args.nproc, Nodes(args.nnodes, 0, args.master_addr, args.master_port),
+                             args.reuse or [], args.rl, serve=None if args.no_serve else (args.host, args.port))
     if args.dry_run:
         return dry_run(configs, args)
-    check_store(args.store)
-    Nodes(args.nnodes, 0, args.master_addr, args.master_port).validate()
     quiet_prefect_defaults()
+    from flows.prefect_env import api_server_for_this_command
     from flows.speedrun import speedrun
 
-    summary = speedrun(preset=args.preset, store=args.store, port=args.port, host=args.host, data=args.data,
-                       overrides=overrides, nproc=args.nproc, serve=not args.no_serve, rl=args.rl,
-                       nnodes=args.nnodes, master_addr=args.master_addr, master_port=args.master_port,
-                       reuse=args.reuse or [])
+    hide_prefect_tracebacks()
+    with api_server_for_this_command():
+        summary = speedrun(preset=args.preset, store=args.store, port=args.port, host=args.host, data=args.data,
+                           overrides=overrides, nproc=args.nproc, serve=not args.no_serve, rl=args.rl,
+                           nnodes=args.nnodes, master_addr=args.master_addr, master_port=args.master_port,
+                           reuse=args.reuse or [])
     print("\nstage       cached  seconds  artifact")
     for name, info in summary["stages"].items():
         cached = "reused" if info.get("reused") else "yes" if info["cached"] else "no"
@@ -98,8 +104,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     eval_config(args.tasks, args.max_per_task, args.device_type)
     if args.checkpoint and not Path(args.checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} is not a directory")
-    out = evaluate(checkpoint=args.checkpoint, store=args.store, tasks=args.tasks, max_per_task=args.max_per_task,
-                   device_type=args.device_type, nproc=args.nproc)
+    from flows.prefect_env import api_server_for_this_command
+
+    hide_prefect_tracebacks()
+    with api_server_for_this_command():
+        out = evaluate(checkpoint=args.checkpoint, store=args.store, tasks=args.tasks, max_per_task=args.max_per_task,
+                       device_type=args.device_type, nproc=args.nproc)
     for kind in ("evaluated", "already"):
         for e in out[kind]:
             shown = {k: v for k, v in e["metrics"].items() if k not in ("phase", "step")}
@@ -209,13 +219,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+    """SIGTERM to this process: raised in the main thread, as Ctrl-C raises KeyboardInterrupt, so that the
+    command unwinds (its stage processes and Prefect API server stopped) instead of dying where it stands."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def hide_prefect_tracebacks() -> None:
+    """Prefect's terminal log lines keep their message but not the exception's traceback: a failed run ends with
+    one line from main(); the traceback stays in the run's Prefect logs and in main()'s error log file."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, WithoutTraceback):
+            handler.setFormatter(WithoutTraceback(handler.formatter or logging.Formatter()))
+
+
+class WithoutTraceback:
+    """A logging formatter that formats a copy of each record without its exception (other handlers, like the
+    one sending logs to Prefect's API, still get the traceback)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def format(self, record):
+        import logging
+
+        plain = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        return self.inner.format(plain)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def error_log(command: str) -> Path:
+    """Where a failed command's traceback goes: ~/.cache/nanochat/errors/ (the system temp dir if that is not
+    writable)."""
+    import tempfile
+    import time
+
+    name = f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (Path.home() / ".cache" / "nanochat" / "errors", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder / name
+        except OSError:
+            continue
+    return Path(name)
+
+
+def fail(message: str, code: int) -> None:
+    print(f"nanochat: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+RESUME_HINT = "finished stages and saved checkpoints are kept; run the same command again to resume"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run a command. It ends with one line on the terminal when it does not succeed: `error: <message>` and exit
+    2 for something the user can fix, exit 130/143 on Ctrl-C/SIGTERM (after its processes stopped), and for
+    anything else the error and where its traceback was written, exit 1."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        sys.exit(args.func(args))
+        code = args.func(args)
     except USER_ERRORS as e:
-        print(f"nanochat: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {' '.join(str(e).split())}", 2)
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C)" + (f"; {RESUME_HINT}" if args.command == "speedrun" else ""), 130)
+    except Terminated:
+        fail("stopped by SIGTERM" + (f"; {RESUME_HINT}" if args.command == "speedrun" else ""), 143)
+    except Exception as e:  # noqa: BLE001 - a bug or a failed stage: one line here, the traceback in a file
+        import traceback
+
+        log = error_log(args.command)
+        log.write_text("".join(traceback.format_exception(e)))
+        first = (str(e).strip().splitlines() or [""])[0]
+        fail(f"error: {type(e).__name__}: {first} (traceback: {log})", 1)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

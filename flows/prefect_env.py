@@ -1,4 +1,6 @@
-"""Prefect defaults for an offline, possibly cold and busy machine, applied without overriding the user.
+"""Prefect defaults for an offline, possibly cold and busy machine, applied without overriding the user; and
+`api_server_for_this_command()`, the local API server a `nanochat` command holds when no Prefect API is configured
+(see its docstring: issue 13's slow, orphaning shutdown).
 
 `offline_defaults()` sets, for this process and every process it starts (Prefect's ephemeral API server,
 workers, torchrun), the settings below, each only when the user has not set it anywhere Prefect reads
@@ -43,7 +45,16 @@ Looked at and deliberately left alone (nothing there waits on, or logs errors ab
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from nanochat_core.pipeline.launch import new_group_dying_with_parent, stop_group
 
 # Prefect settings (their accessor path in prefect.settings.Settings) and the value used when nobody set them.
 PREFECT_DEFAULTS: dict[str, str] = {
@@ -91,3 +102,106 @@ def offline_defaults() -> dict[str, str]:
 
         refresh_global_settings_context()
     return applied
+
+
+@contextlib.contextmanager
+def api_server_for_this_command() -> Iterator[str | None]:
+    """When no Prefect API is configured, hold Prefect's ephemeral API server for the length of a command (its
+    URL in PREFECT_API_URL while it lasts); with a configured API, do nothing (yields None).
+
+    Prefect would start the same server itself on its first client call (server/api/server.py:1117-1205,
+    `SubprocessASGIServer`), but in this process's group and stopped only by `atexit`. Measured (issue 13): Ctrl-C
+    or SIGTERM to the group then killed the server first, and every later state update, log and event of the
+    crashing run retried against the dead server for 218-235 s; SIGTERM to this process alone ended it by
+    Prefect re-sending SIGTERM to itself (utilities/engine capture_sigterm) with no atexit, leaving the server
+    running. Started here, with the command line Prefect uses, it has its own session (a group signal does not
+    reach it), gets SIGTERM from the kernel if this process dies, and is stopped after Prefect's log and event
+    workers have drained into it."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        yield None
+        return
+    proc, url = _start_api_server(settings)
+    os.environ["PREFECT_API_URL"] = url
+    refresh_settings()
+    try:
+        yield url
+    finally:
+        try:
+            drain_prefect_workers()
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+            refresh_settings()
+            stop_group(proc, grace=5.0)
+
+
+def refresh_settings() -> None:
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+
+
+def _start_api_server(settings) -> tuple[subprocess.Popen, str]:
+    """Prefect's ephemeral server (its uvicorn command and environment, server.py:1177-1205) on a free port, in
+    its own session; returns (process, API URL) once /health answers."""
+    import httpx
+    import prefect
+
+    timeout = settings.server.ephemeral.startup_timeout_seconds
+    for _ in range(5):  # exit code 3: the port was taken between choosing and binding it
+        port = free_local_port()
+        cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
+               "error", "--lifespan", "on"]
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               **settings.to_environment_variables(exclude_unset=True)}
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=new_group_dying_with_parent)
+        url = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                        return proc, url
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        except BaseException:
+            stop_group(proc, grace=5.0)
+            raise
+        if proc.poll() != 3:
+            break
+    stop_group(proc, grace=5.0)
+    raise RuntimeError(f"the local Prefect API server did not answer within {timeout} s (exit code {proc.poll()}); "
+                       "set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or PREFECT_API_URL to a server")
+
+
+def free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drain_prefect_workers() -> None:
+    """Send the logs and events Prefect still buffers (as prefect.testing.utilities.prefect_test_harness does
+    before it stops its server)."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())

@@ -4,12 +4,16 @@ shards -> tokenizer -> base -> base_eval -> mid -> mid_eval -> sft -> sft_eval [
 (training stages under torchrun; each *_eval node is the eval stage on that model: CORE for base, the chat
 tasks for mid/sft, GSM8K for rl)
 
+Before the first stage, everything that can be checked is (nanochat_core.pipeline.preflight.check_speedrun:
+configs against each other and the world size, files they name, nproc and memory against this machine, the
+server's address), so a bad value fails in seconds rather than after base has trained.
+
 Each stage is a cached task (see flows/tasks.py), so running the flow again skips finished stages, a
 crashed training stage resumes from its newest checkpoint, and changing one stage's config or code re-runs
 that stage and the ones after it only. Before a stage runs, the log says why (nanochat_core.pipeline.plan: the
 same reasons `nanochat speedrun --dry-run` gives). `reuse` pins stages to their newest intact artifact.
 Every run writes `<store>/runs/<run id>/summary.json` ({"stages": {node: {uri, digest, cached, reused, reasons,
-seconds}}, "reused": [...], "server": {url, pid}}), `report.md` and the loss-curve PNGs it shows; the report
+seconds}}, "reused": [...], "server": {url, port, pid}}), `report.md` and the loss-curve PNGs it shows; the report
 card, the summary table and the curves are also Prefect artifacts.
 """
 
@@ -30,8 +34,7 @@ from prefect.logging import get_run_logger
 from flows.params import Preset, StageOverrides, overrides_dict
 from flows.serve import start_server_task
 from flows.tasks import run_stage
-from nanochat_core.config import ConfigError
-from nanochat_core.pipeline import artifacts, plan, report, stages
+from nanochat_core.pipeline import artifacts, plan, preflight, report, stages
 from nanochat_core.pipeline.launch import Nodes
 from nanochat_core.pipeline.presets import resolve_data, stage_configs
 
@@ -114,13 +117,11 @@ def speedrun(
     logger = get_run_logger()
     overrides = overrides_dict(overrides)
     hosts = Nodes(nnodes, 0, master_addr, master_port)
-    hosts.validate()
-    if nproc < 1:
-        raise ConfigError(f"nproc must be >= 1, got {nproc}")
     if not artifacts.is_remote(store):
         store = str(Path(store).expanduser().resolve())
-    artifacts.check_store(store)
     configs = stage_configs(preset, overrides, resolve_data(data), rl=rl)
+    preflight.check_speedrun(configs, store, nproc, hosts, reuse or [], rl, serve=(host, port) if serve else None,
+                             serve_deployment=serve_deployment)
     run_id = str(runtime.flow_run.id or uuid.uuid4())
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run_dir = artifacts.join_uri(store, "runs", run_id)
@@ -161,7 +162,7 @@ def speedrun(
         state_dir = artifacts.local_path(store) / "runs" if not artifacts.is_remote(store) else (
             Path.home() / ".cache" / "nanochat" / "servers")
         info = start_server_task(refs["sft"].to_dict(), host, port, str(state_dir), serve_deployment)
-        summary["server"] = {k: info[k] for k in ("url", "pid", "flow_run_id") if k in info}
+        summary["server"] = {k: info[k] for k in ("url", "port", "pid", "flow_run_id") if k in info}
     write_run_file(run_dir, "summary.json", json.dumps(summary, indent=2).encode())
     logger.info(f"report card: {artifacts.join_uri(run_dir, 'report.md')} ({len(card.splitlines())} lines)")
     logger.info(f"summary: {artifacts.join_uri(run_dir, 'summary.json')}")

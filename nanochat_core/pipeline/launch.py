@@ -4,6 +4,8 @@ The child gets a new session so that cancellation, a timeout or any exception in
 whole group (torchrun's workers included): SIGTERM first, so training saves a checkpoint, then SIGKILL
 after a grace period. Plain subprocess.run would leave torchrun workers orphaned. If the caller itself
 is killed outright, the kernel sends the child SIGTERM (PR_SET_PDEATHSIG), which torchrun passes on.
+When the caller is interrupted (Ctrl-C, SIGTERM) the grace is at most INTERRUPT_GRACE, so that the whole
+command is gone within 30 s of the signal even if a checkpoint save hangs (the previous one stays intact).
 """
 
 from __future__ import annotations
@@ -56,8 +58,12 @@ def torchrun_command(module: str, args: Sequence[str], nproc: int, nodes: Nodes 
     return [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", "-m", module, *args]
 
 
-def _new_group_dying_with_parent() -> None:
-    """In the child: own process group, and SIGTERM when the launching process dies (even by SIGKILL)."""
+INTERRUPT_GRACE = 20.0  # seconds a stage gets to save and exit when its caller is interrupted
+
+
+def new_group_dying_with_parent() -> None:
+    """In the child (a Popen preexec_fn): own session and process group, so that a signal to the caller's group
+    (Ctrl-C) does not reach it, and SIGTERM when the launching thread dies (even by SIGKILL)."""
     os.setsid()
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
@@ -93,7 +99,7 @@ def run_streaming(
     """Run cmd, passing each output line (stdout+stderr) to on_line. Raises StageFailed on a non-zero exit."""
     proc = subprocess.Popen(
         list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        env={**os.environ, **(env or {})}, preexec_fn=_new_group_dying_with_parent,
+        env={**os.environ, **(env or {})}, preexec_fn=new_group_dying_with_parent,
     )
     tail: list[str] = []
     deadline = time.time() + timeout if timeout else None
@@ -106,7 +112,9 @@ def run_streaming(
             if deadline and time.time() > deadline:
                 raise TimeoutError(f"stage exceeded its {timeout:.0f}s timeout: {' '.join(cmd[:6])} ...")
         code = proc.wait()
-    finally:
-        stop_group(proc, grace)
+    except BaseException as e:
+        # interrupted (KeyboardInterrupt, Prefect's TerminationSignal: not Exceptions): a shorter grace
+        stop_group(proc, grace if isinstance(e, Exception) else min(grace, INTERRUPT_GRACE))
+        raise
     if code != 0:
         raise StageFailed(f"command failed with exit code {code}: {' '.join(cmd)}\n" + "\n".join(tail))
