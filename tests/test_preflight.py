@@ -11,11 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from test_serve_flow import commit_chat_model
 
 from nanochat_core.config import ConfigError
 from nanochat_core.gpt import GPT, config_for_depth
@@ -124,21 +124,7 @@ def test_the_cli_refuses_too_many_processes_in_seconds(tmp_path):
 
 @pytest.fixture
 def chat_model(tiny_tokenizer_dir, tmp_path) -> artifacts.ArtifactRef:
-    """A model artifact the way the sft stage commits one: final model files + a manifest naming its tokenizer."""
-    from nanochat_core.checkpoint import save_final_model
-    from nanochat_core.tokenizer import Tokenizer
-
-    tok_dir = tmp_path / "tokenizer"
-    Tokenizer.load(tiny_tokenizer_dir).save(tok_dir)
-    tok_digest = artifacts.write_manifest(tok_dir, "tokenizer", {}, {}, "test")
-    torch.manual_seed(0)
-    model = GPT(config_for_depth(1, Tokenizer.load(tok_dir).get_vocab_size(), 128))
-    model.init_weights()
-    model_dir = tmp_path / "sft"
-    save_final_model(model_dir, model, {"model_config": asdict(model.config), "stage": "sft"})
-    digest = artifacts.write_manifest(model_dir, "sft", {}, {"tokenizer": tok_digest}, "test",
-                                      inputs={"tokenizer": str(tok_dir)})
-    return artifacts.ArtifactRef(str(model_dir), digest)
+    return commit_chat_model(tiny_tokenizer_dir, tmp_path)
 
 
 def test_the_bound_port_is_read_from_the_server_log(tmp_path):

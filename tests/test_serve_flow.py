@@ -28,8 +28,11 @@ RUNNER = ("from prefect import serve; from flows.serve import serve as serve_flo
 
 @pytest.fixture(scope="module")
 def chat_model(tiny_tokenizer_dir, tmp_path_factory) -> artifacts.ArtifactRef:
+    return commit_chat_model(tiny_tokenizer_dir, tmp_path_factory.mktemp("store"))
+
+
+def commit_chat_model(tiny_tokenizer_dir: Path, root: Path) -> artifacts.ArtifactRef:
     """A model artifact the way the sft stage commits one: final model files + a manifest naming its tokenizer."""
-    root = tmp_path_factory.mktemp("store")
     tok_dir = root / "tokenizer"
     Tokenizer.load(tiny_tokenizer_dir).save(tok_dir)
     tok_digest = artifacts.write_manifest(tok_dir, "tokenizer", {}, {}, "test")
