@@ -187,7 +187,9 @@ def test_nothing_the_code_writes_outlives_the_run():
     /dev/shm and the working directory are private tmpfs mounts that die with the run, and every other mount is
     read-only to the code."""
     name = f"nanochat-escape-{uuid.uuid4().hex}"
-    outside = Path(tempfile.mkdtemp(prefix=".sandbox-escape-", dir=REPO))  # a world-writable dir, not in /tmp
+    # A world-writable dir on a mount the code sees read-only: not under /tmp (the checkout may be, as in CI), and
+    # reachable by the uid the code runs as (nobody when we are root, else ourselves).
+    outside = Path(tempfile.mkdtemp(prefix=".sandbox-escape-", dir="/" if os.geteuid() == 0 else Path.home()))
     outside.chmod(0o777)
     code = f"""
 import _io
