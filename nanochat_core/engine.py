@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat_core.calculator import calculate
+from nanochat_core.gpt import attention, visible_keys
 
 GROW_CHUNK = 1024  # a full cache grows to the next multiple of this many positions
 
 
 class KVCache:
-    """Per-layer keys and values, shaped (B, H_kv, T, D); grows when a sequence outruns it.
+    """Per-layer keys and values, shaped (B, H_kv, T, D); grows when a sequence outruns it. Every row is at the
+    same position. Implements gpt.InferenceCache: the model calls rotary(), attend() per layer, and reads and
+    writes prev_embedding (the last position's embedding, for smear).
 
     The storage is allocated on the first insert with that insert's dtype and device, so the cache
     always matches what the model computes (fp32 on CPU, bf16 under autocast), unless `dtype` is given."""
@@ -35,6 +38,7 @@ class KVCache:
         self.dtype = dtype
         self.kv: torch.Tensor | None = None
         self.pos = 0
+        self.prev_embedding: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -42,9 +46,31 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+        self.prev_embedding = None
 
     def get_pos(self) -> int:
         return self.pos
+
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + T > cos.size(1):
+            raise ValueError(f"sequence of {self.pos + T} tokens exceeds the rotary table of {cos.size(1)}")
+        return cos[:, self.pos:self.pos + T], sin[:, self.pos:self.pos + T]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+               gqa: bool) -> torch.Tensor:
+        """Store this chunk's keys/values; attention of its queries over the cache so far (causal, windowed)."""
+        k, v = self.insert_kv(layer_idx, k, v)
+        Tq, Tk = q.size(2), k.size(2)
+        if window is not None and Tk - 1 > window:  # some keys fall out of the window
+            mask = visible_keys(torch.arange(Tk - Tq, Tk, device=q.device), Tk, window)
+            return attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if Tq == Tk:
+            return attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if Tq == 1:  # one new token attends to the whole cache
+            return attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        # a chunk after a prefix: the prefix is visible, causal within the chunk
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        return attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H_kv, T, D) at the current position; return this layer's keys/values so far."""
@@ -80,6 +106,8 @@ class KVCache:
         self.kv = other.kv.new_empty(self.shape, dtype=self.dtype or other.kv.dtype)
         self.kv[:, :, :, :, : other.pos] = other.kv[:, :, :, :, : other.pos]
         self.pos = other.pos
+        if other.prev_embedding is not None:
+            self.prev_embedding = other.prev_embedding.expand(self.shape[2], -1, -1).clone()
 
 
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: float = 1.0,

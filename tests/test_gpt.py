@@ -5,31 +5,16 @@ import math
 import pytest
 import torch
 
+from nanochat_core.engine import KVCache
 from nanochat_core.gpt import GPT, SOFTCAP, GPTConfig, config_for_depth
 from nanochat_core.muon import Muon
 
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=4, n_kv_head=4, n_embd=64)
 
 
-class TinyKVCache:
-    """The duck-typed cache the model expects: get_pos() and insert_kv(layer, k, v) -> the cache so far."""
-
-    def __init__(self, n_layer: int):
-        self.n_layer, self.pos = n_layer, 0
-        self.k, self.v = [None] * n_layer, [None] * n_layer
-
-    def get_pos(self) -> int:
-        return self.pos
-
-    def insert_kv(self, layer_idx, k, v):
-        if self.k[layer_idx] is None:
-            self.k[layer_idx], self.v[layer_idx] = k, v
-        else:
-            self.k[layer_idx] = torch.cat([self.k[layer_idx], k], dim=2)
-            self.v[layer_idx] = torch.cat([self.v[layer_idx], v], dim=2)
-        if layer_idx == self.n_layer - 1:
-            self.pos += k.size(2)
-        return self.k[layer_idx], self.v[layer_idx]
+def TinyKVCache(config: GPTConfig = TINY, batch_size: int = 1) -> KVCache:
+    """The engine's cache (the model's gpt.InferenceCache), growing as needed."""
+    return KVCache(batch_size, config.n_kv_head, 8, config.head_dim, config.n_layer)
 
 
 def random_model(config: GPTConfig, seed: int = 0, std: float = 0.1) -> GPT:
@@ -180,7 +165,7 @@ def test_kv_cache_decoding_matches_full_forward(n_head, n_kv_head):
     x = tokens((2, 14))
     with torch.no_grad():
         full = model(x)
-        cache = TinyKVCache(config.n_layer)
+        cache = TinyKVCache(config, batch_size=2)
         # prefill (Tq == Tk: causal), a chunk after a prefix (prefix visible + causal), then one token at a time
         pieces = [model(x[:, :6], kv_cache=cache), model(x[:, 6:10], kv_cache=cache)]
         pieces += [model(x[:, t:t + 1], kv_cache=cache) for t in range(10, 14)]
@@ -190,7 +175,7 @@ def test_kv_cache_decoding_matches_full_forward(n_head, n_kv_head):
 
 def test_decoding_past_the_training_length():
     model = random_model(TINY)
-    cache = TinyKVCache(TINY.n_layer)
+    cache = TinyKVCache()
     with torch.no_grad():
         model(tokens((1, TINY.sequence_len)), kv_cache=cache)
         logits = model(tokens((1, 1)), kv_cache=cache)  # position 32 > sequence_len: the rotary table has 10x

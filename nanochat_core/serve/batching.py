@@ -6,9 +6,9 @@ decoding one while B is small. So each replica keeps a KV cache of `max_batch` s
   1. drop the rows whose client went away (their slot is free again),
   2. prefill newly arrived prompts (at batch 1) into free slots; each new row samples its first token,
   3. decode one token for every row in one forward pass; rows that stop or reach max_tokens leave.
-Rows sit at different positions, so the step runs the model's own modules with a rotary position and an
-attention mask per row (GPT.forward takes one position for the whole batch); tests check it against
-GPT.forward. Active rows always fill slots 0..B-1 (a leaving row's slot gets the last row's cache), so a
+Rows sit at different positions, so the step runs the model's own forward with a cache view that gives
+each row its own rotary position and attention mask (DecodeView); tests check it against GPT.forward.
+Active rows always fill slots 0..B-1 (a leaving row's slot gets the last row's cache), so a
 step reads contiguous views. Each row draws from its own seeded random.Random (sample_rows): a reply
 depends on its request only, never on what else is in the batch. A Router sends each request to the least
 busy replica (one per GPU; on a CPU the replicas share the weights). On CUDA each decode step is replayed
@@ -31,7 +31,7 @@ import torch
 
 from nanochat_core.device import autocast_context
 from nanochat_core.engine import Engine, RowState
-from nanochat_core.gpt import SOFTCAP, apply_rotary_emb, attention, norm
+from nanochat_core.gpt import attention, causal_attention, visible_keys
 
 logger = logging.getLogger("nanochat.batching")
 
@@ -45,12 +45,14 @@ SUMMED_STATS = ("requests_total", "requests_active", "requests_queued", "request
 
 class SlotCache:
     """Keys and values of up to `slots` rows: (layers, slots, kv_heads, sequence_len, head_dim) each, allocated
-    at the first write in the dtype the model computes in (fp32 on CPU, bf16 under autocast)."""
+    at the first write in the dtype the model computes in (fp32 on CPU, bf16 under autocast); and each slot's
+    last embedding (for smear). The model reads and writes it through a PrefillView or a DecodeView."""
 
     def __init__(self, config, slots: int):
         self.shape = (config.n_layer, slots, config.n_kv_head, config.sequence_len, config.n_embd // config.n_head)
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.prev: torch.Tensor | None = None  # (slots, 1, C)
 
     def ensure(self, like: torch.Tensor) -> None:
         if self.k is None:
@@ -59,41 +61,78 @@ class SlotCache:
             self.k = like.new_zeros(self.shape, dtype=dtype)
             self.v = like.new_zeros(self.shape, dtype=dtype)
 
+    def set_prev(self, rows: slice | int, embedding: torch.Tensor) -> None:
+        if self.prev is None:
+            self.prev = embedding.new_zeros((self.shape[1], 1, embedding.size(-1)))
+        self.prev[rows] = embedding
+
     def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot src's first `length` positions into slot dst."""
+        """Copy slot src's first `length` positions (and its last embedding) into slot dst."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        if self.prev is not None:
+            self.prev[dst] = self.prev[src]
 
 
-def _run_blocks(model, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
-    """GPT.forward with attention delegated to attend(layer, q, k, v, gqa); returns the last position's logits."""
-    B, T = ids.shape
-    x = norm(model.transformer.wte(ids))
-    for layer, block in enumerate(model.transformer.h):
-        a, h = block.attn, norm(x)
-        q = a.c_q(h).view(B, T, a.n_head, a.head_dim)
-        k = a.c_k(h).view(B, T, a.n_kv_head, a.head_dim)
-        v = a.c_v(h).view(B, T, a.n_kv_head, a.head_dim)
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        y = attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), a.n_kv_head != a.n_head)
-        x = x + a.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
-        x = x + block.mlp(norm(x))
-    logits = model.lm_head(norm(x[:, -1])).float()
-    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+class PrefillView:
+    """gpt.InferenceCache for a prompt run into one fresh slot at positions 0..T-1."""
+
+    def __init__(self, cache: SlotCache, slot: int):
+        self.cache, self.slot = cache, slot
+
+    @property
+    def prev_embedding(self) -> None:
+        return None  # a new row: nothing before its first token
+
+    @prev_embedding.setter
+    def prev_embedding(self, embedding: torch.Tensor) -> None:
+        self.cache.set_prev(self.slot, embedding[0])
+
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if T > self.cache.shape[3]:
+            raise ValueError(f"prompt of {T} tokens exceeds the model's context of {self.cache.shape[3]}")
+        return cos[:, :T], sin[:, :T]
+
+    def attend(self, layer, q, k, v, window, gqa):
+        T = k.size(2)
+        self.cache.ensure(k)
+        self.cache.k[layer, self.slot, :, :T] = k[0]
+        self.cache.v[layer, self.slot, :, :T] = v[0]
+        return causal_attention(q, k, v, window, gqa)
+
+
+class DecodeView:
+    """gpt.InferenceCache for one token in each of rows 0..B-1, row i at position pos[i], attending over the
+    first Tk cache positions (masked past its own position and outside its window)."""
+
+    def __init__(self, cache: SlotCache, pos: torch.Tensor, Tk: int):
+        self.cache, self.pos, self.Tk = cache, pos, Tk
+        self.rows = torch.arange(pos.size(0), device=pos.device)
+
+    @property
+    def prev_embedding(self) -> torch.Tensor | None:
+        return None if self.cache.prev is None else self.cache.prev[:self.pos.size(0)]
+
+    @prev_embedding.setter
+    def prev_embedding(self, embedding: torch.Tensor) -> None:
+        self.cache.set_prev(slice(0, self.pos.size(0)), embedding)
+
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return cos[0, self.pos][:, None], sin[0, self.pos][:, None]
+
+    def attend(self, layer, q, k, v, window, gqa):
+        B, pos = self.pos.size(0), self.pos
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys[self.rows, :, pos] = k[:, :, 0].to(keys.dtype)
+        values[self.rows, :, pos] = v[:, :, 0].to(values.dtype)
+        visible = visible_keys(pos, self.Tk, window)[:, None, None, :]  # (B, 1, 1, Tk)
+        return attention(q, keys[:B, :, :self.Tk], values[:B, :, :self.Tk], attn_mask=visible, enable_gqa=gqa)
 
 
 def prefill(model, cache: SlotCache, slot: int, tokens: list[int]) -> torch.Tensor:
     """Run a prompt (positions 0..T-1) into cache slot `slot`; (1, V) logits for the next token."""
-    T = len(tokens)
     ids = torch.tensor([tokens], dtype=torch.long, device=model.cos.device)
-
-    def attend(layer, q, k, v, gqa):
-        cache.ensure(k)
-        cache.k[layer, slot, :, :T] = k[0]
-        cache.v[layer, slot, :, :T] = v[0]
-        return attention(q, k, v, is_causal=True, enable_gqa=gqa)
-
-    return _run_blocks(model, ids, model.cos[:, :T], model.sin[:, :T], attend)
+    return model.logits(model.hidden_states(ids, PrefillView(cache, slot))[:, -1])
 
 
 def decode(model, cache: SlotCache, last: list[int], positions: list[int]) -> torch.Tensor:
@@ -111,19 +150,8 @@ def decode_padded(model, cache: SlotCache, ids: torch.Tensor, pos: torch.Tensor)
 
 
 def _decode_rows(model, cache: SlotCache, ids: torch.Tensor, pos: torch.Tensor, Tk: int) -> torch.Tensor:
-    """Rows 0..B-1 each feed ids[i] at position pos[i], attending over the first Tk cache positions (masked
-    past their own); (B, V) logits."""
-    B = ids.size(0)
-    rows = torch.arange(B, device=ids.device)
-    visible = (torch.arange(Tk, device=ids.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
-
-    def attend(layer, q, k, v, gqa):
-        keys, values = cache.k[layer], cache.v[layer]
-        keys[rows, :, pos] = k[:, :, 0].to(keys.dtype)
-        values[rows, :, pos] = v[:, :, 0].to(values.dtype)
-        return attention(q, keys[:B, :, :Tk], values[:B, :, :Tk], attn_mask=visible, enable_gqa=gqa)
-
-    return _run_blocks(model, ids[:, None], model.cos[0, pos][:, None], model.sin[0, pos][:, None], attend)
+    """The model's own forward, one token per row at the row's own position; (B, V) logits."""
+    return model.logits(model.hidden_states(ids[:, None], DecodeView(cache, pos, Tk))[:, -1])
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
