@@ -292,8 +292,9 @@ def load_model(model_dir: str | Path, device: torch.device | str, phase: str = "
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise CheckpointError(f"{model_dir / 'meta.json'} has no 'model_config' object")
     try:
-        config = GPTConfig(**meta["model_config"])
-    except TypeError as e:
+        config = GPTConfig.from_dict(meta["model_config"])
+        config.validate()
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{model_dir / 'meta.json'}: model_config does not fit GPTConfig: {e}") from e
     state = _load_torch(model_dir / "model.pt", device)
     if device.type in ("cpu", "mps"):
