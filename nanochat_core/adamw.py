@@ -7,8 +7,12 @@ parameters as torch.optim.AdamW on CPU (bit for bit) and within rounding of the 
 Per parameter: reduce-scatter (average) the gradient along dim 0, update this rank's slice (decoupled
 weight decay, bias-corrected Adam), all-gather the slices back into the parameter. Optimizer state covers
 the slice only, so it is saved per rank. A parameter whose first dimension does not divide by the world
-size is all-reduced instead and updated whole, identically, on every rank (its state is then full-size).
-A parameter without a gradient counts as a zero gradient: every rank must take part in every collective.
+size is all-reduced instead and updated whole, identically, on every rank (its state is then full-size),
+as are 0-d tensors; so the 2026 model's tiny scalars and gates ([1], [n_layer], [1, 24], [n_kv_head, 12])
+work at any world size (sharded when their dim 0 happens to divide, all-reduced otherwise). A parameter
+without a gradient counts as a zero gradient: every rank must take part in every collective. lr, betas,
+eps and weight_decay are read from each param group at every step, so groups may differ (as
+torch.optim.AdamW allows) and a loop may schedule them.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class DistAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                sharded = p.shape[0] % world == 0
+                sharded = p.ndim > 0 and p.shape[0] % world == 0
                 if sharded:
                     out = torch.empty_like(grad[: p.shape[0] // world])
                     work = reduce_scatter_single(out, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
