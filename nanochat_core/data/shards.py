@@ -1,15 +1,19 @@
 """Shards stage: fetch the pretraining parquet shards into the stage's output directory.
 
-Source, in order: `ShardsConfig.source` (a directory or http(s) URL laid out like ../shared/data), else the
-NANOCHAT_DATA mirror, else the real FineWeb-Edu shards on Hugging Face. Shards are named
-`shard_{i:05d}.parquet`; the last one fetched is the validation shard (upstream's convention).
+The corpus is `ShardsConfig.dataset`: "fineweb-edu" (FineWeb-Edu, the default) or "climbmix" (NVIDIA ClimbMix, as
+upstream's HEAD trains on). Source, in order: `ShardsConfig.source` (a directory or http(s) URL laid out like
+../shared/data, the corpus under its own directory: pretrain/ for FineWeb-Edu, climbmix/ for ClimbMix), else the
+NANOCHAT_DATA mirror, else the real shards on Hugging Face (never when HF_HUB_OFFLINE is set: that is an error
+naming the dataset). Shards are named `shard_{i:05d}.parquet`; the last one fetched is the validation shard
+(upstream's convention). For ClimbMix that is always shard_06542, as upstream pins it: num_shards=N fetches
+shards 0..N-2 and shard_06542.
 
 Each shard is written to a temporary name, checked (opens as parquet, has a `text` column of strings, at
 least one row) and renamed into place, so a present shard is a valid one. Shards already present and valid are
 skipped; transient network errors are retried with exponential backoff; a corrupt shard is an error that
 names the file (retrying cannot fix it).
 
-    python -m nanochat_core.data.shards --out DIR [--num-shards 8] [--source DIR|URL]
+    python -m nanochat_core.data.shards --out DIR [--num-shards 8] [--source DIR|URL] [--dataset climbmix]
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import pyarrow.parquet as pq
 from nanochat_core.config import ConfigError, add_config_arguments, config_from_args
 from nanochat_core.data.sources import (
     DATA_ENV,
-    FINEWEB_NUM_SHARDS,
-    FINEWEB_SHARD_URL,
+    PRETRAIN_DATASETS,
     DataError,
+    ShardDataset,
     check_text_column,
+    hf_offline,
     is_url,
+    pretrain_dataset,
 )
 
 SHARD_NAME = "shard_{index:05d}.parquet"
@@ -41,12 +47,15 @@ SHARD_NAME = "shard_{index:05d}.parquet"
 
 @dataclass(frozen=True)
 class ShardsConfig:
-    num_shards: int = -1  # -1: every shard the source has (all 1823 for FineWeb-Edu)
-    source: str = ""  # directory or URL of a mirror; "" = $NANOCHAT_DATA, else FineWeb-Edu
+    num_shards: int = -1  # -1: every shard the source has (all 1823 for FineWeb-Edu, 6543 for ClimbMix)
+    source: str = ""  # directory or URL of a mirror; "" = $NANOCHAT_DATA, else Hugging Face
     retries: int = 5
     timeout_seconds: float = 120.0
+    dataset: str = "fineweb-edu"  # the corpus: "fineweb-edu" or "climbmix" (see PRETRAIN_DATASETS)
 
     def validate(self) -> None:
+        if self.dataset not in PRETRAIN_DATASETS:
+            raise ConfigError(f"ShardsConfig.dataset must be one of {sorted(PRETRAIN_DATASETS)}, got {self.dataset!r}")
         if self.num_shards == 0 or self.num_shards < -1:
             raise ConfigError(f"ShardsConfig.num_shards must be -1 (all) or >= 1, got {self.num_shards}")
         if self.num_shards == 1:
@@ -61,31 +70,48 @@ class TransientError(RuntimeError):
     """A fetch failure worth retrying (network, 5xx)."""
 
 
-def shard_template(source: str) -> str:
-    """A format string with {index} giving each shard's location."""
+def shard_template(source: str, dataset: str = "fineweb-edu") -> str:
+    """A format string with {index} giving the location of each shard of `dataset`."""
+    ds = pretrain_dataset(dataset)
     source = source or os.environ.get(DATA_ENV, "").strip()
     if not source:
-        return FINEWEB_SHARD_URL
+        if hf_offline():  # fail now, naming what is missing, rather than in (or after) a network timeout
+            raise DataError(f"HF_HUB_OFFLINE is set and no mirror is given: cannot download the {ds.title} shards "
+                            f"({ds.repo}); set {DATA_ENV} or ShardsConfig.source to a mirror with a "
+                            f"{ds.mirror_dir}/ directory of shard_*.parquet files")
+        return ds.shard_url
     if is_url(source):
-        return source.rstrip("/") + "/pretrain/" + SHARD_NAME
+        return source.rstrip("/") + f"/{ds.mirror_dir}/" + SHARD_NAME
     root = Path(source).expanduser()
     if not root.is_dir():
         raise DataError(f"data source {source} is not a directory (expected a layout like ../shared/data)")
-    if not (root / "pretrain").is_dir():
-        raise DataError(f"data source {source} has no pretrain/ directory of shard_*.parquet files")
-    return str(root.resolve() / "pretrain" / SHARD_NAME)
+    if not (root / ds.mirror_dir).is_dir():
+        raise DataError(f"data source {source} has no {ds.mirror_dir}/ directory of shard_*.parquet files "
+                        f"({ds.title}, {ds.repo})")
+    return str(root.resolve() / ds.mirror_dir / SHARD_NAME)
 
 
-def count_available(template: str) -> int:
-    """How many shards the source has (local mirrors are listed; FineWeb's count is known)."""
-    if template == FINEWEB_SHARD_URL:
-        return FINEWEB_NUM_SHARDS
+def count_available(template: str, dataset: str = "fineweb-edu") -> int:
+    """How many shards the source has: local mirrors are listed (consecutive from shard 0, plus a pinned
+    validation shard), the Hugging Face counts are known."""
+    ds = pretrain_dataset(dataset)
+    if template == ds.shard_url:
+        return ds.num_shards
     if is_url(template):
         raise ConfigError("num_shards=-1 needs a listable source; give num_shards explicitly for a URL mirror")
     n = 0
-    while Path(template.format(index=n)).is_file():
+    while n != ds.val_shard and Path(template.format(index=n)).is_file():
         n += 1
-    return n
+    return n if ds.val_shard is None else n + 1  # the pinned validation shard is fetched (or missed, by name) too
+
+
+def shard_indices(ds: ShardDataset, n: int) -> list[int]:
+    """The indices of the n shards to fetch, the validation shard last: 0..n-1, or 0..n-2 and the pinned one."""
+    if ds.val_shard is None:
+        return list(range(n))
+    if n > ds.num_shards:
+        raise DataError(f"{ds.title} ({ds.repo}) has {ds.num_shards} shards, fewer than the {n} asked for")
+    return [*range(n - 1), ds.val_shard]
 
 
 def check_shard(path: Path, source: str = "") -> int:
@@ -144,13 +170,13 @@ def download_shards(config: ShardsConfig, out_dir: str | Path) -> dict:
     config.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    template = shard_template(config.source)
-    n = config.num_shards if config.num_shards > 0 else count_available(template)
+    template = shard_template(config.source, config.dataset)
+    n = config.num_shards if config.num_shards > 0 else count_available(template, config.dataset)
     if n < 2:
         raise DataError(f"the source {template.format(index=0)} has {n} shard(s); need at least 2 (train + val)")
     t0 = time.time()
     fetched = skipped = rows = 0
-    for index in range(n):
+    for k, index in enumerate(shard_indices(pretrain_dataset(config.dataset), n)):
         dest = out / SHARD_NAME.format(index=index)
         if dest.is_file():
             try:
@@ -163,7 +189,7 @@ def download_shards(config: ShardsConfig, out_dir: str | Path) -> dict:
         fetch_shard(template.format(index=index), dest, config.retries, config.timeout_seconds)
         rows += check_shard(dest)
         fetched += 1
-        print(f"shard {index + 1}/{n}: {dest.name}", flush=True)
+        print(f"shard {k + 1}/{n}: {dest.name}", flush=True)
     print(f"{fetched} shard(s) fetched, {skipped} already present, {time.time() - t0:.1f}s", flush=True)
     # Only content facts go into the metrics (and so the manifest): a re-fetch of the same shards must
     # give the same digest, or every downstream stage would retrain for nothing.

@@ -3,6 +3,8 @@
 
 Every dataset is named by its path inside the mirror layout (e.g. "gsm8k/train.jsonl"). `resolve` maps
 that name to a local path or URL; `read_records` reads jsonl, jsonl.gz or parquet into a list of dicts.
+The pretraining corpora (PRETRAIN_DATASETS: FineWeb-Edu, NVIDIA ClimbMix) are shard sets: on Hugging Face as
+shard_{index:05d}.parquet, in a mirror under their own directory (pretrain/ holds FineWeb-Edu's stand-in).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,33 @@ from nanochat_core.errors import UserError
 
 DATA_ENV = "NANOCHAT_DATA"
 HF = "https://huggingface.co/datasets"
-FINEWEB_SHARD_URL = f"{HF}/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{{index:05d}}.parquet"
-FINEWEB_NUM_SHARDS = 1823
+
+
+@dataclass(frozen=True)
+class ShardDataset:
+    """A pretraining corpus in nanochat's shard layout: parquet files shard_{index:05d}.parquet with a `text` column,
+    in the Hugging Face dataset `repo`, and in a NANOCHAT_DATA mirror under `mirror_dir/`."""
+    title: str
+    repo: str
+    num_shards: int
+    mirror_dir: str
+    val_shard: int | None = None  # the validation shard, pinned whatever the number fetched; None: the last fetched
+
+    @property
+    def shard_url(self) -> str:
+        """A format string with {index} giving each shard's URL."""
+        return f"{HF}/{self.repo}/resolve/main/shard_{{index:05d}}.parquet"
+
+
+PRETRAIN_DATASETS: dict[str, ShardDataset] = {
+    "fineweb-edu": ShardDataset("FineWeb-Edu", "karpathy/fineweb-edu-100b-shuffle", 1823, "pretrain"),
+    # As upstream's nanochat/dataset.py has it since the switch to ClimbMix (March 2026): BASE_URL
+    # https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main, files shard_{index:05d}.parquet,
+    # MAX_SHARD = 6542, and the validation shard always fetched and pinned to the last one, shard_06542.
+    "climbmix": ShardDataset("NVIDIA ClimbMix", "karpathy/climbmix-400b-shuffle", 6543, "climbmix", val_shard=6542),
+}
+FINEWEB_SHARD_URL = PRETRAIN_DATASETS["fineweb-edu"].shard_url
+FINEWEB_NUM_SHARDS = PRETRAIN_DATASETS["fineweb-edu"].num_shards
 TEXT_TYPES = ("string", "large_string", "string_view")  # arrow types whose values are str
 
 # Mirror path -> real source. The HF files keep the same schema as the mirror's, possibly another format.
@@ -54,6 +82,17 @@ IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conv
 
 class DataError(UserError, RuntimeError):
     """Data is missing or malformed; the message names the file."""
+
+
+def pretrain_dataset(name: str) -> ShardDataset:
+    if name not in PRETRAIN_DATASETS:
+        raise ValueError(f"unknown pretraining dataset {name!r}; choose one of {sorted(PRETRAIN_DATASETS)}")
+    return PRETRAIN_DATASETS[name]
+
+
+def hf_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for nothing to be fetched from Hugging Face (its truthy spellings)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def data_root() -> str | None:
