@@ -5,6 +5,8 @@
     nanochat evaluate [--checkpoint DIR] [--store DIR] [--tasks auto|CORE,ARC-Easy,...] [--max-per-task N]
     nanochat serve --checkpoint URI [--host 127.0.0.1] [--port 8000]
     nanochat chat --checkpoint URI [-p PROMPT]
+    nanochat import --upstream CKPT_DIR [--tokenizer TOK_DIR] [--step N] [--phase base|mid|sft|rl] [--store URI]
+                    (a checkpoint written by upstream nanochat as a model artifact; prints its URI last)
     nanochat deploy [--store DIR] [--pool nanochat] [--cron "0 3 * * *"] [--serve]
                     (register the deployments on a process work pool; --serve: run them in this process)
 
@@ -163,6 +165,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from nanochat_core.pipeline.import_upstream import import_upstream
+
+    imported = import_upstream(args.upstream, args.store, tokenizer_dir=args.tokenizer, step=args.step,
+                               phase=args.phase)
+    print(imported.model.uri)  # last line: what scripts read
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanochat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="URI of a model artifact")
     p.add_argument("-p", "--prompt", default=None, help="one prompt, answer, exit")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("import", help="import a checkpoint written by upstream nanochat as a model artifact")
+    p.add_argument("--upstream", required=True, metavar="CKPT_DIR",
+                   help="upstream checkpoint directory (model_<step>.pt, meta_<step>.json), e.g. "
+                        "~/.cache/nanochat/base_checkpoints/d20")
+    p.add_argument("--tokenizer", default=None, metavar="TOK_DIR",
+                   help="directory of upstream's tokenizer.pkl (default: <base dir>/tokenizer as upstream lays "
+                        "it out, else a tokenizer directory beside CKPT_DIR)")
+    p.add_argument("--step", type=int, default=None, help="the step to import (default: the newest)")
+    p.add_argument("--phase", default=None, choices=["base", "mid", "sft", "rl"],
+                   help="what the model is (default: from the directory name, base_checkpoints -> base, ...)")
+    p.add_argument("--store", default="./store", help="artifact store: a directory or s3://bucket/prefix")
+    p.set_defaults(func=cmd_import)
     return parser
 
 
