@@ -1,8 +1,9 @@
 """The speedrun flow: every stage of the pipeline in order for a preset, then the chat server.
 
-shards -> tokenizer -> base -> base_eval -> mid -> mid_eval -> sft -> sft_eval [-> rl -> rl_eval] -> serve
+shards -> tokenizer -> base -> base_eval [-> mid -> mid_eval] -> sft -> sft_eval [-> rl -> rl_eval] -> serve
 (training stages under torchrun; each *_eval node is the eval stage on that model: CORE for base, the chat
-tasks for mid/sft, GSM8K for rl)
+tasks for mid/sft, GSM8K for rl). A preset without midtraining (the 2026 ones) has no mid nodes: sft fine-tunes
+the base model (nanochat_core.pipeline.stages.pipeline).
 
 Before the first stage, everything that can be checked is (nanochat_core.pipeline.preflight.check_speedrun:
 configs against each other and the world size, files they name, nproc and memory against this machine, the
@@ -127,7 +128,7 @@ def speedrun(
     run_dir = artifacts.join_uri(store, "runs", run_id)
     logger.info(f"speedrun {preset}: store {store}, run {run_id}")
 
-    order = stages.pipeline(rl)
+    order = stages.pipeline_of(configs, rl)
     nodes = {node.name: node for node in order}
     reuse = plan.check_reuse(reuse or [], order)
     modules = plan.code_modules_by_stage(order)

@@ -190,7 +190,7 @@ def dry_run(configs: dict[str, dict[str, Any]], store: str, rl: bool = False, re
             project: Path | None = None) -> dict[str, Decision]:
     """Every node's decision, in pipeline order, without running anything (for the code of `project`, a checkout,
     when given)."""
-    order = stages.pipeline(rl)
+    order = stages.pipeline_of(configs, rl)
     nodes = {n.name: n for n in order}
     reuse = check_reuse(reuse, order)
     modules = code_modules_by_stage(order, project)

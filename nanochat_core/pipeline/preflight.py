@@ -2,12 +2,16 @@
 base model: `check_run` raises a ConfigError naming the problem.
 
 - the stages' configs (already validated one by one by presets.stage_configs) against each other and the world
-  size (nproc x nnodes): base/mid total_batch_size, sft examples_per_step, rl examples_per_step must divide as
-  each training loop requires;
+  size (nproc x nnodes): base/mid total_batch_size (for base.recipe 2026 with total_batch_size <= 0, the batch it
+  derives from the depth and the tokenizer's vocabulary), sft examples_per_step, rl examples_per_step must divide
+  as each training loop requires;
+- base.precision against the device: fp8 needs GPUs with fp8 tensor cores (compute capability >= 8.9, asked of
+  nvidia-smi, so this long-lived process makes no CUDA context);
 - files a config names (mid/sft identity_conversations) exist;
 - nproc against this machine: CPU cores this process may use, or GPUs;
-- the model fits: weights, gradients and optimizer states of `base.depth` against the memory available
-  (RAM for CPU ranks, each GPU's free memory for CUDA ranks). Activations come on top, so passing is no promise;
+- the model fits: weights, gradients and optimizer states of `base.depth` (the 2026 model's value embeddings
+  included) against the memory available (RAM for CPU ranks, each GPU's free memory for CUDA ranks). Activations
+  come on top, so passing is no promise;
 - the chat server's address: a TCP port (0 = any free one) and a host this machine can bind.
 
 `check_speedrun` adds the rest of a speedrun's arguments; the speedrun flow and `nanochat speedrun` (also with
@@ -35,7 +39,7 @@ def check_speedrun(configs: dict[str, dict[str, Any]], store: str, nproc: int, n
     that writes: a probe it removes). A server started by a serve deployment listens on a worker's machine: only
     its port is checked."""
     nodes.validate()
-    plan.check_reuse(reuse, stages.pipeline(rl))
+    plan.check_reuse(reuse, stages.pipeline_of(configs, rl))
     if serve is not None and serve_deployment:
         check_port(serve[1])
         if serve[1] == 0:
@@ -52,6 +56,7 @@ def check_run(configs: dict[str, dict[str, Any]], nproc: int, nnodes: int = 1,
         check_serve_address(*serve)
     devices = run_devices(configs)
     check_nproc(nproc, devices)
+    check_precision(configs)
     check_batch_division(configs, nproc, nnodes)
     check_config_files(configs)
     check_model_fits(configs, nproc, nnodes)
@@ -98,13 +103,24 @@ def check_nproc(nproc: int, devices: dict[str, str]) -> None:
                               f"(stages on {device}: {users}); use --nproc {max(slots, 1)} or fewer")
 
 
+def base_batch_size(configs: dict[str, dict[str, Any]]) -> int:
+    """The tokens per step base trains with: its total_batch_size, or (recipe 2026, <= 0) the batch it derives from
+    the depth and the tokenizer stage's vocabulary (models built on the meta device: nothing is allocated)."""
+    from nanochat_core.train.base import sizing_for
+
+    base = stages.make_config("base", configs["base"])
+    if base.total_batch_size > 0 or "tokenizer" not in configs:
+        return base.total_batch_size
+    return sizing_for(base, configs["tokenizer"]["vocab_size"]).total_batch_size
+
+
 def check_batch_division(configs: dict[str, dict[str, Any]], nproc: int, nnodes: int) -> None:
     """The batch arithmetic each training loop does at its start, done now for the run's world size."""
     from nanochat_core.train.common import grad_accum_steps
 
     world = nproc * nnodes
     checks = {
-        "base": lambda c: grad_accum_steps(c.total_batch_size, c.device_batch_size, c.max_seq_len, world),
+        "base": lambda c: grad_accum_steps(base_batch_size(configs), c.device_batch_size, c.max_seq_len, world),
         "mid": lambda c: grad_accum_steps(c.total_batch_size, c.device_batch_size, c.max_seq_len, world),
         "sft": lambda c: c.grad_accum(world),
         "rl": lambda c: c.examples_per_rank(world),
@@ -115,6 +131,38 @@ def check_batch_division(configs: dict[str, dict[str, Any]], nproc: int, nnodes:
                 check(stages.make_config(stage, configs[stage]))
             except ConfigError as e:
                 raise ConfigError(f"{stage}: {e} (world_size = nproc {nproc} x nnodes {nnodes})") from None
+
+
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper (H100, H200) onwards: fp8 tensor cores
+
+
+def check_precision(configs: dict[str, dict[str, Any]]) -> None:
+    """base.precision='fp8' on the device base will run on: CUDA GPUs with fp8 tensor cores (the config already
+    refuses an explicit cpu/mps device_type). A capability nvidia-smi cannot report passes: the stage checks again
+    when it starts (device.resolve_precision)."""
+    base = configs.get("base")
+    if not base or base.get("precision") != "fp8":
+        return
+    device = run_devices(configs)["base"]
+    if device != "cuda":
+        raise ConfigError(f"base.precision='fp8' needs a GPU with fp8 tensor cores (H100, H200, ...), but base runs "
+                          f"on {device}: use precision fp32, bf16 or auto there")
+    lacking = sorted({c for c in gpu_compute_capabilities() if c < FP8_MIN_COMPUTE_CAPABILITY})
+    if lacking:
+        shown = ", ".join(f"{major}.{minor}" for major, minor in lacking)
+        raise ConfigError(f"base.precision='fp8' needs GPUs with fp8 tensor cores (compute capability >= 8.9: "
+                          f"H100, H200, L40S, ...), but this machine has compute capability {shown}; use precision "
+                          f"bf16 or auto")
+
+
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """(major, minor) per GPU from nvidia-smi; [] when it is not there or cannot tell."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return [tuple(int(part) for part in line.strip().split(".")) for line in out.split()]  # type: ignore[misc]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
 
 
 def check_config_files(configs: dict[str, dict[str, Any]]) -> None:
@@ -133,13 +181,6 @@ def model_params(depth: int, vocab_size: int) -> tuple[int, int]:
     Computed, not built: a model too big to build is what this is for."""
     width = 64 * depth
     return 12 * width * width * depth, 2 * vocab_size * width
-
-
-def training_bytes_per_rank(depth: int, vocab_size: int, world: int) -> int:
-    """fp32 weights and gradients on every rank, plus optimizer states sharded over the ranks: Muon's momentum
-    (matrices), AdamW's two moments (embeddings, head)."""
-    matrices, embeddings = model_params(depth, vocab_size)
-    return 8 * (matrices + embeddings) + (4 * matrices + 8 * embeddings) // world
 
 
 def available_memory(device: str, nproc: int) -> tuple[int, str] | None:
@@ -168,18 +209,41 @@ def gpu_free_memory() -> list[int]:
         return []
 
 
+def model_params_2026(base: dict[str, Any], vocab_size: int) -> tuple[int, int]:
+    """(matrix parameters, embedding + head + scalar parameters) of the 2026 model base trains, counted on a model
+    built on the meta device (value embeddings are large: 604M of d24's 1.38B)."""
+    import torch
+
+    from nanochat_core.train.base import GPT, model_config_for
+
+    with torch.device("meta"):
+        model = GPT(model_config_for(stages.make_config("base", base), vocab_size))
+    matrices = sum(p.numel() for p in model.transformer.h.parameters())  # what Muon steps
+    return matrices, model.num_params() - matrices
+
+
+def training_bytes(matrices: int, embeddings: int, world: int) -> int:
+    """fp32 weights and gradients on every rank, plus optimizer states sharded over the ranks: Muon's momentum
+    (matrices), AdamW's two moments (the rest)."""
+    return 8 * (matrices + embeddings) + (4 * matrices + 8 * embeddings) // world
+
+
 def check_model_fits(configs: dict[str, dict[str, Any]], nproc: int, nnodes: int) -> None:
     base, tokenizer = configs.get("base"), configs.get("tokenizer")
     if not base or not tokenizer:
         return
     depth, vocab = base["depth"], tokenizer["vocab_size"]
-    need = training_bytes_per_rank(depth, vocab, nproc * nnodes)
+    if base.get("recipe", "nov2025") == "2026":
+        matrices, embeddings = model_params_2026(base, vocab)
+    else:
+        matrices, embeddings = model_params(depth, vocab)
+    need = training_bytes(matrices, embeddings, nproc * nnodes)
     for device in sorted({run_devices(configs)[s] for s in TRAINING_STAGES if s in configs}):
         if device == "mps":
             continue
         have = available_memory(device, nproc)
         if have is not None and need > have[0]:
-            params = sum(model_params(depth, vocab))
+            params = matrices + embeddings
             raise ConfigError(
                 f"base.depth={depth} does not fit: {params:,} parameters need ~{need / 2**30:,.1f} GiB per process "
                 f"for weights, gradients and optimizer states alone, more than the {have[0] / 2**30:,.1f} GiB "

@@ -68,22 +68,34 @@ class Node:
     inputs: tuple[tuple[str, str], ...] = ()  # (CLI flag, upstream node)
 
 
-def pipeline(rl: bool = False) -> list[Node]:
-    """The speedrun's nodes in dependency order; RL (and its evaluation) only when asked for, as upstream."""
+def pipeline(rl: bool = False, midtrain: bool = True) -> list[Node]:
+    """The speedrun's nodes in dependency order; RL (and its evaluation) only when asked for, as upstream. Without
+    midtraining (the 2026 recipe, as upstream since 2026) there is no mid or mid_eval node and sft fine-tunes the
+    base model: its `mid` input (the model it starts from, the CLI's --mid DIR) is the base node. The input keeps
+    its flag either way, so a pipeline with midtraining keys its nodes exactly as before; in the store an sft
+    artifact of a base model is told from one of a mid model by the stage of that input (plan.node_artifacts)."""
     tok = ("tokenizer", "tokenizer")
     nodes = [
         Node("shards", "shards"),
         Node("tokenizer", "tokenizer", (("shards", "shards"),)),
         Node("base", "base", (("shards", "shards"), tok)),
         Node("base_eval", "eval", (("model", "base"), tok)),
-        Node("mid", "mid", (("base", "base"), tok)),
-        Node("mid_eval", "eval", (("model", "mid"), tok)),
-        Node("sft", "sft", (("mid", "mid"), tok)),
+    ]
+    if midtrain:
+        nodes += [Node("mid", "mid", (("base", "base"), tok)), Node("mid_eval", "eval", (("model", "mid"), tok))]
+    nodes += [
+        Node("sft", "sft", (("mid", "mid" if midtrain else "base"), tok)),
         Node("sft_eval", "eval", (("model", "sft"), tok)),
     ]
     if rl:
         nodes += [Node("rl", "rl", (("model", "sft"), tok)), Node("rl_eval", "eval", (("model", "rl"), tok))]
     return nodes
+
+
+def pipeline_of(configs: dict[str, Any], rl: bool = False) -> list[Node]:
+    """The nodes of a run whose stage configs are `configs` (presets.stage_configs): midtraining when it has a mid
+    config (a preset without midtraining gives none)."""
+    return pipeline(rl, midtrain="mid" in configs)
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,55 @@ def muon_momentum(it: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
+# The 2026 recipe's schedules (upstream nanochat's base_train.py and chat_sft.py as of its 2026 record). Like the
+# ones above they are functions of the step alone, so a resumed run replays them exactly.
+
+MOMENTUM_RAMP_2026 = 400  # steps over which Muon momentum rises 0.85 -> 0.97
+
+
+def lr_multiplier_2026(it: int, num_iterations: int, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
+                       final_lr_frac: float = 0.05) -> float:
+    """Base training, 2026: linear warmup over warmup_steps (steps, not a ratio), flat, then a linear warmdown over
+    the last warmdown_ratio of the run to final_lr_frac."""
+    warmdown = round(warmdown_ratio * num_iterations)
+    if it < warmup_steps:
+        return (it + 1) / warmup_steps
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum_2026(it: int, num_iterations: int, warmdown_ratio: float = 0.65) -> float:
+    """Muon momentum, 2026: 0.85 -> 0.97 over the first 400 steps, 0.97 until the LR warmdown starts, then down to
+    0.90 across the warmdown (less momentum while the LR falls)."""
+    warmdown = round(warmdown_ratio * num_iterations)
+    warmdown_start = num_iterations - warmdown
+    if it < MOMENTUM_RAMP_2026:
+        frac = it / MOMENTUM_RAMP_2026
+        return (1 - frac) * 0.85 + frac * 0.97
+    if it >= warmdown_start:
+        progress = (it - warmdown_start) / warmdown
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
+
+
+def weight_decay_2026(it: int, num_iterations: int, weight_decay: float) -> float:
+    """Muon's (cautious) weight decay, 2026: `weight_decay` at step 0, cosine-decayed to 0 at the end."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
+
+
+SFT_WARMDOWN_2026 = 0.5  # upstream's SFT since 2026: flat for half the run, then linear to 0
+
+
+def sft_lr_multiplier_2026(it: int, num_iterations: int, warmdown_ratio: float = SFT_WARMDOWN_2026) -> float:
+    """SFT, 2026: 1 until progress 1 - warmdown_ratio, then linear to 0 (progress = it / num_iterations)."""
+    progress = it / num_iterations
+    if progress <= 1.0 - warmdown_ratio:
+        return 1.0
+    return 1.0 - (progress - (1.0 - warmdown_ratio)) / warmdown_ratio
+
+
 def remember_initial_lrs(optimizers: list[torch.optim.Optimizer], init_lr_frac: float = 1.0) -> None:
     """Scale every group's LR by init_lr_frac and keep it as the group's `initial_lr` (what lrm multiplies)."""
     for opt in optimizers:
@@ -105,7 +154,8 @@ def remember_initial_lrs(optimizers: list[torch.optim.Optimizer], init_lr_frac: 
 
 def config_optimizers(model, config) -> list[torch.optim.Optimizer]:
     """model.setup_optimizers with the stage config's learning rates and weight decay, each group's LR scaled by
-    the config's init_lr_frac (1 for a stage without one) and remembered as its `initial_lr`."""
+    the config's init_lr_frac (1 for a stage without one) and remembered as its `initial_lr`. The model decides
+    the parameter groups: a 2026-recipe model (model.config.recipe) gets its own (see GPT.setup_optimizers)."""
     optimizers = model.setup_optimizers(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
                                         matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
     remember_initial_lrs(optimizers, getattr(config, "init_lr_frac", 1.0))
@@ -126,12 +176,23 @@ def set_muon_momentum(optimizers: list[torch.optim.Optimizer], momentum: float) 
                 group["momentum"] = momentum
 
 
+def set_muon_weight_decay(optimizers: list[torch.optim.Optimizer], weight_decay: float) -> None:
+    """This step's weight decay for every Muon group (the 2026 recipe schedules it; AdamW groups keep theirs)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if "momentum" in group:
+                group["weight_decay"] = weight_decay
+
+
 def optimizer_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], lrm: float,
-                   momentum: float | None = None) -> None:
-    """This step's LRs (and Muon momentum, when scheduled), every optimizer's step, then drop the grads."""
+                   momentum: float | None = None, muon_weight_decay: float | None = None) -> None:
+    """This step's LRs (and Muon momentum and weight decay, when scheduled), every optimizer's step, then drop
+    the grads."""
     setup_lrs(optimizers, lrm)
     if momentum is not None:
         set_muon_momentum(optimizers, momentum)
+    if muon_weight_decay is not None:
+        set_muon_weight_decay(optimizers, muon_weight_decay)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)

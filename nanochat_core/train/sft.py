@@ -11,6 +11,13 @@ the micro-batch; targets are -1 where the mask is 0 (prompt, tool output) and on
 so a micro-batch without any (all masked) adds nothing instead of NaN (upstream #590). LR = 1 - it/N with N
 counting optimizer steps, not micro-batches (upstream PR #775). Checkpoints and resume as in base training.
 Writes model.pt + meta.json and, last, metrics.json {"val_loss", "val_bpb", "steps", "examples", ...}.
+
+recipe "2026" is upstream's SFT since 2026, which starts from the base model (a pipeline without midtraining
+passes base's directory as --mid): the mixture SmolTalk + MMLU auxiliary_train x3 + GSM8K train x4 (+ identity
+conversations x2, SimpleSpelling, SpellingBee, as upstream), validated on held-out SmolTalk + MMLU and GSM8K test;
+LR flat for the first half, then linear to 0; Muon momentum 0.85 -> 0.95 over 300 steps. Upstream's LRs for it
+(init_lr_frac 0.8 of base's) are in the presets. The optimizer groups are the model's own (a 2026 model gets its
+own, see GPT.setup_optimizers), whatever the recipe here.
 """
 
 from __future__ import annotations
@@ -36,12 +43,17 @@ from nanochat_core.train.common import (
     config_optimizers,
     load_upstream_model,
     loop_state,
+    muon_momentum,
     optimizer_step,
     report_step,
     seed_everything,
     sft_lr_multiplier,
+    sft_lr_multiplier_2026,
 )
 from nanochat_core.wandb_log import WandbLog
+
+RECIPES = ("nov2025", "2026")
+MMLU_EPOCHS_2026, GSM8K_EPOCHS_2026, IDENTITY_EPOCHS_2026 = 3, 4, 2
 
 
 @dataclass(frozen=True)
@@ -63,8 +75,11 @@ class SFTConfig:
     keep_checkpoints: int = 2
     seed: int = 42
     device_type: str = ""
+    recipe: str = "nov2025"  # "2026": upstream's 2026 SFT mixture and schedules (module docstring)
 
     def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"SFTConfig.recipe must be one of {RECIPES}, got {self.recipe!r}")
         for name in ("max_seq_len", "device_batch_size", "examples_per_step", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -118,6 +133,28 @@ class ConversationBatches:
         return x.to(self.device), y.to(self.device)
 
 
+def mixture_sources_2026(split: str = "train", identity: str = "") -> list[list[dict]]:
+    """The 2026 SFT mixture's task lists (upstream's chat_sft since 2026). Val: held-out conversations + MMLU and
+    GSM8K test, as upstream's (and our midtraining's) validation mixture."""
+    if split == "val":
+        return tasks.mixture_sources("mid", "val")
+    conversations = tasks.smoltalk("train")
+    n_simple, n_bee = tasks.spelling_sizes("mid", len(conversations))  # upstream's 200K + 80K beside 460K
+    identities = [tasks.load_conversations(identity)[0]] * IDENTITY_EPOCHS_2026 if identity else []
+    return [conversations, *[tasks.mmlu_auxiliary_train()] * MMLU_EPOCHS_2026,
+            *[tasks.gsm8k("train")] * GSM8K_EPOCHS_2026, *identities,
+            tasks.simple_spelling(n_simple), tasks.spelling_bee(n_bee)]
+
+
+def training_mixture(config: SFTConfig, split: str = "train", limit: int | None = None) -> list[dict]:
+    """The recipe's conversations, shuffled deterministically (seed), `limit` taken from each source in proportion."""
+    if config.recipe == "nov2025":
+        identity = config.identity_conversations if split == "train" else ""
+        return tasks.mixture("sft", seed=config.seed, limit=limit, split=split, identity=identity)
+    sources = mixture_sources_2026(split, config.identity_conversations if split == "train" else "")
+    return tasks.interleave(sources, seed=config.seed, limit=limit)
+
+
 def render(tokenizer: Tokenizer, conversations: list[dict], max_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(ids, mask) per conversation; conversations of a single token (nothing to predict) are dropped."""
     rendered = [tokenizer.render_conversation(c, max_tokens=max_tokens) for c in conversations]
@@ -136,9 +173,9 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
     T = min(config.max_seq_len, model.config.sequence_len)
     B, grad_accum = config.device_batch_size, config.grad_accum(d.world_size)
     limit = config.max_examples if config.max_examples > 0 else None
-    conversations = tasks.mixture("sft", seed=config.seed, limit=limit, identity=config.identity_conversations)
+    conversations = training_mixture(config, limit=limit)
     train_rows = render(tokenizer, conversations[d.rank::d.world_size], T + 1)
-    val_conversations = tasks.mixture("sft", seed=config.seed, split="val")[d.rank::d.world_size]
+    val_conversations = training_mixture(config, split="val")[d.rank::d.world_size]
     val_rows = render(tokenizer, val_conversations[: config.eval_steps * B], T + 1)
     num_iterations = config.num_iterations if config.num_iterations > 0 else max(
         1, len(conversations) // config.examples_per_step)
@@ -188,8 +225,12 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
                     loss = model(x, y, loss_reduction="none").sum()
                 (loss / max(1, n_targets)).backward()  # mean over the step's supervised tokens; never NaN
                 loss_sum += loss.detach()
-            lrm = sft_lr_multiplier(step, num_iterations)
-            optimizer_step(model, optimizers, lrm)
+            if config.recipe == "2026":
+                lrm = sft_lr_multiplier_2026(step, num_iterations)
+                optimizer_step(model, optimizers, lrm, muon_momentum(step))
+            else:
+                lrm = sft_lr_multiplier(step, num_iterations)
+                optimizer_step(model, optimizers, lrm)
             loss_value = loss_sum.item() / max(1, n_targets)
             session.record_loss(step + 1, loss_value)  # already on the host: no extra sync
             dt = time.time() - t0
@@ -209,7 +250,8 @@ def train(config: SFTConfig, mid_dir: str | Path, tokenizer_dir: str | Path, out
 
 
 def main(argv: list[str] | None = None) -> None:
-    training_main(argv, __doc__, SFTConfig, (("mid", "the mid stage's output directory (model.pt + meta.json)"),
+    training_main(argv, __doc__, SFTConfig, (("mid", "the model to fine-tune: the mid stage's output directory, or "
+                                                     "base's in a pipeline without midtraining"),
                   ("tokenizer", "tokenizer directory")), train)
 
 
