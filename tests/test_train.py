@@ -162,7 +162,8 @@ def test_bits_per_byte_of_a_uniform_model_and_unigram():
 def test_base_under_torchrun_learns_and_writes_its_files(base_ref):
     metrics = json.loads((base_ref / "metrics.json").read_text())
     assert set(metrics) == {"val_bpb", "unigram_bpb", "steps", "tokens", "params", "train_seconds", "tok_per_s",
-                            "resumed_from_step"}
+                            "resumed_from_step", "precision"}
+    assert metrics["precision"] == "fp32"
     assert metrics["steps"] == 30 and metrics["tokens"] == 30 * 512 and metrics["resumed_from_step"] == 0
     assert metrics["val_bpb"] < metrics["unigram_bpb"]  # the model learned more than token frequencies
     model, meta = load_model(base_ref, "cpu")
