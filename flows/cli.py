@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("speedrun", help="run the whole pipeline for a preset and start the chat server")
-    p.add_argument("--preset", default="tiny", help="tiny | d20 | d26 | d32")
+    p.add_argument("--preset", default="tiny",
+                   help="tiny | d20 | d26 | d32 (November 2025) | tiny-2026 | d12-2026 | gpt2 (2026 record recipe)")
     p.add_argument("--store", default="./store", help="artifact store: a directory or s3://bucket/prefix")
     p.add_argument("--data", default=None, help="data mirror directory or URL (default: $NANOCHAT_DATA, else HF)")
     p.add_argument("--port", type=int, default=8000)
