@@ -69,6 +69,15 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     return pf
 
 
+def check_loader_args(batch_size: int, seq_len: int, prefetch: int, rank: int, world_size: int) -> None:
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be >= 1 row group, got {prefetch}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+
+
 class PretrainLoader:
     """Iterator of (x, y) int64 batches of shape (B, T) on `device`; `state_dict()` resumes right after the
     last batch it yielded: PretrainLoader(..., state=old.state_dict()) continues the same token stream."""
@@ -87,12 +96,7 @@ class PretrainLoader:
         num_threads: int = 4,
         prefetch: int = 1,
     ):
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1 row group, got {prefetch}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        check_loader_args(batch_size, seq_len, prefetch, rank, world_size)
         self.files = split_files(shards_dir, split)
         self.tokenizer, self.bos = tokenizer, tokenizer.get_bos_token_id()
         self.B, self.T, self.split = batch_size, seq_len, split
@@ -274,14 +278,9 @@ class BestFitLoader:
         prefetch: int = 1,
         buffer_size: int = 1000,
     ):
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1 row group, got {prefetch}")
+        check_loader_args(batch_size, seq_len, prefetch, rank, world_size)
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1 document, got {buffer_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.files = split_files(shards_dir, split)
         self.tokenizer, self.bos = tokenizer, tokenizer.get_bos_token_id()
         self.B, self.T, self.split, self.buffer_size = batch_size, seq_len, split, buffer_size
