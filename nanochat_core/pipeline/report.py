@@ -46,18 +46,20 @@ STAGE_TITLES = {
 }
 # config fields worth showing per stage (all fields are shown for stages not listed)
 CONFIG_HIGHLIGHTS = {
-    "shards": ("num_shards",),
+    "shards": ("num_shards", "dataset"),
     "tokenizer": ("vocab_size", "max_chars", "doc_cap"),
-    "base": ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "num_iterations",
-             "target_param_data_ratio", "matrix_lr", "embedding_lr", "unembedding_lr", "warmdown_ratio", "device_type"),
+    "base": ("recipe", "disable", "precision", "depth", "max_seq_len", "device_batch_size", "total_batch_size",
+             "num_iterations", "target_param_data_ratio", "matrix_lr", "embedding_lr", "unembedding_lr",
+             "warmdown_ratio", "device_type"),
     "mid": ("num_iterations", "max_seq_len", "device_batch_size", "total_batch_size", "max_examples", "device_type"),
-    "sft": ("num_iterations", "max_seq_len", "device_batch_size", "max_examples", "init_lr_frac", "device_type"),
+    "sft": ("recipe", "num_iterations", "max_seq_len", "device_batch_size", "max_examples", "init_lr_frac",
+            "device_type"),
     "eval": ("tasks", "max_per_task", "max_new_tokens", "temperature", "top_k", "num_samples"),
     "rl": ("num_samples", "max_new_tokens", "temperature", "examples_per_step"),
 }
 # headline metrics shown first, in this order, when present; the rest follow alphabetically
-METRIC_HIGHLIGHTS = ("vocab_size", "bytes_per_token", "val_bpb", "unigram_bpb", "CORE", "steps", "tok_per_sec",
-                     "tokens_per_sec", "mfu", "train_seconds", "training_time", "val_loss", "train_loss")
+METRIC_HIGHLIGHTS = ("vocab_size", "bytes_per_token", "val_bpb", "unigram_bpb", "CORE", "precision", "steps",
+                     "tok_per_sec", "tokens_per_sec", "mfu", "train_seconds", "training_time", "val_loss", "train_loss")
 SUMMARY_ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "SpellingBee")
 WALL_TIME_ROW = "Wall time"
 SUMMARY_COLUMNS = ("base", "mid", "sft", "rl")
