@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="the November run's steps; the others match its FLOPs")
     parser.add_argument("--work", type=Path, default=Path("bench/.recipe_2026"))
     parser.add_argument("--only", default="", help="comma-separated run labels (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (give each OMP_NUM_THREADS=1)")
     args = parser.parse_args()
     shards = DATA / "pretrain"
     tok = tokenizer_dir(args.work, shards)
@@ -89,16 +91,20 @@ def main() -> None:
     if args.only:
         runs = {k: v for k, v in runs.items() if k in args.only.split(",")}
     budget = flops_per_step(run_configs(args.depth)["nov2025"], vocab) * args.steps
-    results = []
-    for label, values in runs.items():
+
+    def run(label: str) -> dict:
+        values = runs[label]
         steps = max(1, round(budget / flops_per_step(values, vocab)))
         t0 = time.time()
         m = train(values, steps, shards, tok, args.work / f"d{args.depth}-{args.steps}" / label.replace(" ", ""))
         row = {"run": label, "steps": steps, "tokens": m["tokens"], "flops": steps * flops_per_step(values, vocab),
                "val_bpb": m["val_bpb"], "params": m["params"], "train_seconds": m["train_seconds"],
                "wall_s": round(time.time() - t0, 1)}
-        results.append(row)
         print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own process
+        results = list(pool.map(run, runs))
     ref = next((r for r in results if r["run"] == "nov2025"), results[0])
     print(f"\ndepth {args.depth}, equal training FLOPs {budget:.3g} (November: {args.steps} steps)\n")
     print("| run | steps | val bpb | vs November | vs 2026 |")
