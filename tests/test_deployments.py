@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 POOL = "nanochat"
 PREFECT = [sys.executable, "-m", "prefect"]
 
+PRESET_NAMES = ["tiny", "d20", "d26", "d32", "gpt2", "d12-2026", "tiny-2026"]
+
 
 def prefect_env(home: Path, api_url: str, **extra: str) -> dict[str, str]:
     """The environment of every Prefect process of a test: its own home, this server, nothing from the internet."""
@@ -181,7 +183,7 @@ def test_prefect_yaml_and_nanochat_deploy_register_the_same_deployments(prefect_
     assert speedrun["concurrency_limit"] == 1 and evaluate["concurrency_limit"] == 1
     # the UI's Custom run form: the presets as a select, every stage's fields under overrides
     schema = speedrun["schema"]
-    assert schema["properties"]["preset"]["enum"] == ["tiny", "d20", "d26", "d32"]
+    assert schema["properties"]["preset"]["enum"] == PRESET_NAMES  # every preset, in presets.py order
     assert set(schema["definitions"]["StageOverrides"]["properties"]) == {
         "shards", "tokenizer", "base", "mid", "sft", "rl", "eval"}
     assert "num_iterations" in schema["definitions"]["BaseOverrides"]["properties"]
