@@ -105,13 +105,9 @@ def lr_multiplier_2026(it: int, num_iterations: int, warmup_steps: int = 40, war
                        final_lr_frac: float = 0.05) -> float:
     """Base training, 2026: linear warmup over warmup_steps (steps, not a ratio), flat, then a linear warmdown over
     the last warmdown_ratio of the run to final_lr_frac."""
-    warmdown = round(warmdown_ratio * num_iterations)
     if it < warmup_steps:
         return (it + 1) / warmup_steps
-    if it <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - it) / warmdown
-    return progress + (1 - progress) * final_lr_frac
+    return lr_multiplier(it, num_iterations, 0.0, warmdown_ratio, final_lr_frac)
 
 
 def muon_momentum_2026(it: int, num_iterations: int, warmdown_ratio: float = 0.65) -> float:
